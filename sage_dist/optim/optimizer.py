@@ -1,0 +1,177 @@
+"""RoutedOptimizer: one torch.optim.Optimizer whose param groups each name their rule."""
+from __future__ import annotations
+
+import torch
+
+from ..shard.fragment import global_shape, matrix_shape
+from ..shard.layout import LocalLayout
+from .base import NONFINITE_MODES
+from .registry import get_rule
+
+
+class RoutedOptimizer(torch.optim.Optimizer):
+    """Runs each param group's rule on fragments of its parameters.
+
+    Every group carries 'rule' and that rule's hyperparameters (missing ones take the rule's
+    defaults), so LR schedulers and per-group overrides work as with any torch optimizer.
+    Optional group key 'param_names' names the parameters in errors and tables.
+
+    nonfinite: 'skip' leaves a parameter whose gradient holds NaN/Inf (and its state)
+    untouched for the step and counts it in `nonfinite_count`; 'raise' raises
+    FloatingPointError before anything changes.
+    """
+
+    def __init__(self, params, defaults: dict | None = None, *, nonfinite: str = "skip",
+                 layout=None):
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite={nonfinite!r} is invalid: allowed are "
+                             f"{', '.join(map(repr, NONFINITE_MODES))}")
+        self.nonfinite = nonfinite
+        self.nonfinite_count = 0
+        self.layout = layout if layout is not None else LocalLayout()
+        super().__init__(params, dict(defaults or {}))
+        self._init_state()
+
+    # -- groups and state ---------------------------------------------------------------
+    def add_param_group(self, group: dict) -> None:
+        rule_name = group.get("rule", self.defaults.get("rule"))
+        where = f"param_groups[{len(self.param_groups)}]."
+        rule = get_rule(rule_name, f"{where}rule")
+        for key, value in {**rule.defaults, **self.defaults}.items():
+            group.setdefault(key, value)
+        group["rule"] = rule_name
+        allowed = set(rule.defaults) | {"rule", "params", "param_names", "name", "peak_lr",
+                                        "initial_lr"} | set(self.defaults)
+        unknown = sorted(set(group) - allowed)
+        if unknown:
+            raise ValueError(f"{where}{unknown[0]} is not a hyperparameter of rule "
+                             f"{rule_name!r}: allowed are {', '.join(sorted(rule.defaults))}")
+        rule.validate(group, where)
+        super().add_param_group(group)
+        for i, p in enumerate(group["params"]):
+            if rule.matrix_only and len(global_shape(p)) < 2:
+                raise ValueError(f"{where}params[{i}] ({self._name(group, i)}) has shape "
+                                 f"{tuple(global_shape(p))}: rule {rule_name!r} needs a >=2-D "
+                                 f"parameter")
+            if not p.is_contiguous():
+                raise ValueError(f"{self._name(group, i)} is not contiguous: "
+                                 f"the optimizer updates parameters through flat views")
+        if hasattr(self, "layout"):
+            self._init_state()
+
+    @staticmethod
+    def _name(group: dict, i: int) -> str:
+        names = group.get("param_names")
+        return names[i] if names else f"{group.get('name', 'group')}.params[{i}]"
+
+    def _init_state(self) -> None:
+        """Create every rule's state now, so state_dict keys exist before the first step."""
+        for group in self.param_groups:
+            rule = get_rule(group["rule"])
+            for p in group["params"]:
+                if p in self.state and self.state[p]:
+                    continue
+                shape = global_shape(p)
+                spec = rule.state_spec(shape, *matrix_shape(shape))
+                st = {}
+                if spec.step:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                for key in spec.elementwise:
+                    st[key] = self.layout.new_elementwise(p)
+                for key, n in spec.replicated.items():
+                    st[key] = torch.zeros(n, dtype=torch.float32, device=p.device)
+                self.state[p] = st
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that state keeps its saved dtype (fp32).
+
+        torch casts floating state to the parameter's dtype, which would round the fp32
+        momentum of a bf16 parameter; here each state tensor is only moved to its device.
+        """
+        super().load_state_dict(state_dict)
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved, params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if torch.is_tensor(value) and key != "step" and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+    # -- the step -----------------------------------------------------------------------
+    def _jobs(self):
+        """(fragment, rule, group) for every parameter with a gradient, in global order."""
+        jobs, index = [], 0
+        for group in self.param_groups:
+            rule = get_rule(group["rule"])
+            for i, p in enumerate(group["params"]):
+                f = self.layout.fragment(index, self._name(group, i), p)
+                index += 1
+                if f.grad is None:
+                    continue
+                if f.grad.is_sparse:
+                    raise RuntimeError(f"{f.name}: sparse gradients are not supported; "
+                                       f"use a dense embedding (sparse=False)")
+                jobs.append((f, rule, group))
+        return jobs
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        runs = []
+        for f, rule, group in self._jobs():
+            g = f.grad.float()
+            p = f.data if f.data.dtype == torch.float32 else f.data.float()
+            spec = rule.state_spec(f.shape, f.rows, f.cols)
+            st = {k: self.layout.local_flat(v) if k in spec.elementwise else v
+                  for k, v in self.state[f.param].items()}
+            runs.append([f, p, rule.run(f, p, g, st, group), g])
+        self._run_phases(runs)
+        return loss
+
+    def _run_phases(self, runs) -> None:
+        reducer = self.layout.reducer
+        # Phase 0 carries one finiteness flag per parameter beside the rules' first statistics.
+        requests = []
+        for f, p, gen, g in runs:
+            bad = (~torch.isfinite(g)).any().float().reshape(1)
+            requests.append([("scalar", bad)] + next(gen))
+        first = True
+        while runs:
+            answers = self._reduce(runs, requests, reducer)
+            if first:
+                answers = self._drop_nonfinite(runs, answers)
+                first = False
+            next_runs, requests = [], []
+            for run, ans in zip(runs, answers):
+                try:
+                    requests.append(run[2].send(ans))
+                    next_runs.append(run)
+                except StopIteration:
+                    f, p = run[0], run[1]
+                    if p is not f.data:
+                        f.data.copy_(p)
+            runs = next_runs
+
+    def _drop_nonfinite(self, runs, answers):
+        bad = [i for i, ans in enumerate(answers) if ans[0].item() > 0]
+        if bad and self.nonfinite == "raise":
+            names = ", ".join(runs[i][0].name for i in bad)
+            raise FloatingPointError(f"non-finite gradient in {names}; nothing was updated "
+                                     f"(pass nonfinite='skip' to skip such parameters instead)")
+        self.nonfinite_count += len(bad)
+        for i in reversed(bad):
+            runs[i][2].close()
+            del runs[i]
+            del answers[i]
+        return [ans[1:] for ans in answers]
+
+    @staticmethod
+    def _reduce(runs, requests, reducer):
+        """Complete every statistic of one phase with at most one collective."""
+        send = [t for (f, *_), req in zip(runs, requests) for kind, t in req
+                if not f.is_local(kind)]
+        summed = iter(reducer.all_reduce(send))
+        return [[t if f.is_local(kind) else next(summed) for kind, t in req]
+                for (f, *_), req in zip(runs, requests)]

@@ -1,0 +1,274 @@
+"""Recipes: which rule each parameter of a model gets (ALGORITHMS.md §6), and the defaults.
+
+Routing looks at module types and GLOBAL shapes only, so it gives the same answer for a plain
+model, a DDP model, an FSDP2 model (DTensor parameters) and a DeepSpeed ZeRO-3 model
+(`ds_shape`). Tied tensors appear once in `named_parameters()` and are routed once.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..shard.fragment import global_shape, matrix_shape
+from .optimizer import RoutedOptimizer
+from .registry import get_rule
+
+CATEGORIES = ("embedding", "head", "matrix", "vector")
+HEAD_CHOICES = ("sage", "auto", "sinkhorn")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    routes: dict            # category -> rule name ("head" may be resolved by head=...)
+    defaults: dict = field(default_factory=dict)
+
+
+_SAGE = dict(lr=2e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+RECIPES = {r.name: r for r in (
+    Recipe("sage-hybrid", dict(embedding="sage", head="sage", matrix="sinkhorn", vector="sage"),
+           dict(_SAGE, sinkhorn_iters=5, sinkhorn_scale=10.0)),
+    Recipe("sage", dict.fromkeys(CATEGORIES, "sage"), dict(_SAGE)),
+    Recipe("sinkgd-hybrid", dict(embedding="adamw", head="adamw", matrix="sinkgd",
+                                 vector="adamw"),
+           dict(lr=2e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, sinkhorn_iters=5,
+                linear_lr_scale=0.05)),
+    Recipe("scale", dict(embedding="scale_embedding", head="scale_head", matrix="scale_dense",
+                         vector="scale_adamw"),
+           dict(lr=1e-3, adam_lr=None, adam_betas=(0.9, 0.999), adam_eps=1e-8,
+                weight_decay=0.0, momentum=0.9)),
+    Recipe("lion", dict.fromkeys(CATEGORIES, "lion"),
+           dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.01)),
+    Recipe("adamw", dict.fromkeys(CATEGORIES, "adamw"),
+           dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)),
+)}
+
+
+def get_recipe(name) -> Recipe:
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in RECIPES:
+        raise ValueError(f"recipe={name!r} is not a known recipe: allowed are "
+                         f"{', '.join(RECIPES)}")
+    return RECIPES[key]
+
+
+# -- classification -----------------------------------------------------------------------
+def _output_head(model: nn.Module):
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:  # models without the Hugging Face method: the usual names
+        for name in ("lm_head", "output"):
+            m = getattr(model, name, None)
+            if isinstance(m, nn.Linear):
+                return m
+    return head
+
+
+def classify(model: nn.Module) -> list[tuple[str, torch.Tensor, str]]:
+    """(name, parameter, category) for every trainable parameter, tied ones once."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = _output_head(model)
+    head_w = getattr(head, "weight", None)
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in embeddings:
+            cat = "embedding"          # includes a head tied to the embedding
+        elif head_w is not None and p is head_w:
+            cat = "head"
+        elif len(global_shape(p)) >= 2:
+            cat = "matrix"
+        else:
+            cat = "vector"
+        out.append((_clean(name), p, cat))
+    return out
+
+
+def _clean(name: str) -> str:
+    """Drop wrapper prefixes (DDP's 'module.', torch.compile's '_orig_mod.')."""
+    return re.sub(r"(^|\.)(module|_orig_mod|_fsdp_wrapped_module)\.", r"\1", name)
+
+
+# -- routing --------------------------------------------------------------------------------
+def _head_rule(recipe: Recipe, head: str, shape) -> str:
+    if recipe.name != "sage-hybrid":
+        return recipe.routes["head"]
+    if head not in HEAD_CHOICES:
+        raise ValueError(f"head={head!r} is invalid: allowed are {', '.join(HEAD_CHOICES)}")
+    if head == "auto":  # the authors' rule: SAGE only for a tall vocabulary head
+        R, C = matrix_shape(shape)
+        return "sage" if R > 50_000 and R > 10 * C else "sinkhorn"
+    return head
+
+
+def _normalise_overrides(overrides) -> list[tuple[str, dict]]:
+    items = list((overrides or {}).items()) if isinstance(overrides, dict) else list(overrides or ())
+    out = []
+    for pattern, spec in items:
+        spec = {"rule": spec} if isinstance(spec, str) else dict(spec)
+        if "rule" not in spec:
+            raise ValueError(f"overrides[{pattern!r}] has no 'rule': give a rule name or a "
+                             f"dict with key 'rule'")
+        get_rule(spec["rule"], f"overrides[{pattern!r}].rule")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"overrides pattern {pattern!r} is not a valid regex ({e}): "
+                             f"allowed is a Python regular expression matched with re.search") from None
+        out.append((pattern, spec))
+    return out
+
+
+def route(model: nn.Module, recipe="sage-hybrid", overrides=None, head: str = "sage"):
+    """[(name, param, category, rule, group_key)] for every trainable parameter."""
+    rec = get_recipe(recipe)
+    rules = _normalise_overrides(overrides)
+    hits = {pattern: 0 for pattern, _ in rules}
+    rows = []
+    for name, p, cat in classify(model):
+        rule = _head_rule(rec, head, global_shape(p)) if cat == "head" else rec.routes[cat]
+        key = cat
+        for pattern, spec in rules:
+            if re.search(pattern, name):
+                rule, key = spec["rule"], f"override:{pattern}"
+                hits[pattern] += 1
+                break
+        rows.append((name, p, cat, rule, key))
+    unused = [pat for pat, n in hits.items() if n == 0]
+    if unused:
+        raise ValueError(f"overrides pattern {unused[0]!r} matches no trainable parameter "
+                         f"(names look like {rows[0][0]!r})" if rows else
+                         f"overrides pattern {unused[0]!r} matches no trainable parameter")
+    return rec, dict(rules), rows
+
+
+def _group_hparams(rule_name: str, rec: Recipe, user: dict, extra: dict) -> dict:
+    rule = get_rule(rule_name)
+    hp = dict(rule.defaults)
+    for source in (rec.defaults, user, extra):
+        hp.update({k: v for k, v in source.items() if k in rule.defaults})
+    return hp
+
+
+def _check_user_keys(rec: Recipe, rows, user: dict) -> None:
+    used = set(rec.routes.values()) | {r for *_, r, _ in rows}
+    if rec.name == "sage-hybrid":
+        used |= {"sinkhorn", "sage"}
+    allowed = set().union(*(get_rule(r).defaults for r in used))
+    for key in user:
+        if key not in allowed:
+            raise ValueError(f"{key}={user[key]!r} is not a hyperparameter of recipe "
+                             f"{rec.name!r}: allowed are {', '.join(sorted(allowed))}")
+
+
+def param_groups(model: nn.Module, recipe="sage-hybrid", lr=None, overrides=None,
+                 head: str = "sage", **hyperparameters) -> list[dict]:
+    """The param groups build_optimizer uses: one per category or override pattern."""
+    rec, specs, rows = route(model, recipe, overrides, head)
+    user = dict(hyperparameters)
+    if lr is not None:
+        user["lr"] = lr
+    _check_user_keys(rec, rows, user)
+    groups: dict[str, dict] = {}
+    for name, p, cat, rule, key in rows:
+        if key not in groups:
+            extra = {k: v for k, v in specs.get(key[len("override:"):], {}).items()
+                     if k != "rule"} if key.startswith("override:") else {}
+            hp = _group_hparams(rule, rec, user, extra)
+            bad = set(extra) - set(get_rule(rule).defaults)
+            if bad:
+                raise ValueError(f"overrides[{key[9:]!r}].{sorted(bad)[0]} is not a "
+                                 f"hyperparameter of rule {rule!r}: allowed are "
+                                 f"{', '.join(sorted(get_rule(rule).defaults))}")
+            groups[key] = dict(name=key, rule=rule, params=[], param_names=[], **hp)
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, recipe: str = "sage-hybrid", lr: float | None = None, *,
+                    overrides=None, head: str = "sage", nonfinite: str = "skip",
+                    **hyperparameters) -> RoutedOptimizer:
+    """One torch.optim.Optimizer for the whole model, routed by `recipe`.
+
+    lr=None takes the recipe's default. Other keywords are hyperparameters of the recipe's
+    rules (each goes to the groups whose rule takes it). `overrides` maps regex patterns on
+    parameter names to a rule name or to {'rule': ..., **hyperparameters}; the first pattern
+    that matches wins. `head` ('sage', 'auto' or 'sinkhorn') routes an untied output head under
+    sage-hybrid.
+    """
+    groups = param_groups(model, recipe, lr, overrides, head, **hyperparameters)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    opt = RoutedOptimizer(groups, nonfinite=nonfinite)
+    opt.recipe = get_recipe(recipe).name
+    return opt
+
+
+# -- describe -------------------------------------------------------------------------------
+@dataclass
+class Row:
+    name: str
+    shape: tuple
+    category: str
+    rule: str
+    state_floats: int
+
+
+class RoutingTable:
+    """What describe() returns: rows plus totals; str() is a printable table."""
+
+    def __init__(self, recipe: str, rows: list[Row]):
+        self.recipe, self.rows = recipe, rows
+
+    @property
+    def total_state_floats(self) -> int:
+        return sum(r.state_floats for r in self.rows)
+
+    @property
+    def total_params(self) -> int:
+        return sum(_numel(r.shape) for r in self.rows)
+
+    def __str__(self) -> str:
+        head = ("parameter", "global shape", "rule", "state floats")
+        body = [(r.name, "x".join(map(str, r.shape)) or "scalar", r.rule, f"{r.state_floats:,}")
+                for r in self.rows]
+        adam = 2 * self.total_params
+        foot = ("total", f"{self.total_params:,} params", self.recipe,
+                f"{self.total_state_floats:,}")
+        w = [max(len(x[i]) for x in [head, *body, foot]) for i in range(4)]
+        line = lambda x: "  ".join([x[0].ljust(w[0]), x[1].ljust(w[1]), x[2].ljust(w[2]),
+                                    x[3].rjust(w[3])])
+        sep = "-" * len(line(head))
+        pct = 100.0 * self.total_state_floats / adam if adam else 0.0
+        return "\n".join([line(head), sep, *map(line, body), sep, line(foot),
+                          f"optimizer state: {pct:.1f}% of AdamW's ({adam:,} floats)"])
+
+    __repr__ = __str__
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def describe(model: nn.Module, recipe: str = "sage-hybrid", *, overrides=None,
+             head: str = "sage", print_table: bool = False) -> RoutingTable:
+    """The routing table: parameter name, global shape, rule, optimizer-state floats."""
+    rec, _, rows = route(model, recipe, overrides, head)
+    table = []
+    for name, p, cat, rule, _ in rows:
+        shape = global_shape(p)
+        spec = get_rule(rule).state_spec(shape, *matrix_shape(shape))
+        el, rep = spec.floats(_numel(shape))
+        table.append(Row(name, tuple(shape), cat, rule, el + rep))
+    out = RoutingTable(rec.name, table)
+    if print_table:
+        print(out)
+    return out

@@ -1,0 +1,19 @@
+"""Every rule by name: the one table routing, validation and describe() read."""
+from __future__ import annotations
+
+from .adamw import AdamWRule
+from .base import Rule
+from .lion import LionRule
+from .sage import SAGERule
+from .scale import ScaleAdamWRule, ScaleDenseRule, ScaleEmbeddingRule, ScaleHeadRule
+from .sinkhorn import SinkGDRule, SinkhornRule
+
+RULES: dict[str, Rule] = {r.name: r for r in (
+    SAGERule(), SinkhornRule(), SinkGDRule(), ScaleDenseRule(), ScaleEmbeddingRule(),
+    ScaleHeadRule(), ScaleAdamWRule(), LionRule(), AdamWRule())}
+
+
+def get_rule(name, where: str = "rule") -> Rule:
+    if name not in RULES:
+        raise ValueError(f"{where}={name!r} is not a known rule: allowed are {', '.join(RULES)}")
+    return RULES[name]

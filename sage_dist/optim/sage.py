@@ -1,0 +1,62 @@
+"""SAGE (ALGORITHMS.md §1): a Lion-style sign step damped per column by an O(C) statistic."""
+from __future__ import annotations
+
+import torch
+
+from .base import (Rule, StateSpec, check_betas, check_bool, check_lr, check_nonneg,
+                   check_positive)
+
+
+def sage_damper(S_hat: torch.Tensor, s: torch.Tensor, sigma, gamma, eps: float) -> torch.Tensor:
+    """H = min(min(sigma / (S_hat + eps), 1), gamma / (s + eps)), 0 <= H <= 1."""
+    return torch.minimum((sigma / (S_hat + eps)).clamp_(max=1.0), gamma / (s + eps))
+
+
+def sign_direction(m: torch.Tensor, g: torch.Tensor, beta1: float, beta2: float,
+                   momentum_first: bool) -> torch.Tensor:
+    """Update the momentum in place and return sign(beta1*m + (1-beta1)*g) (order per §1)."""
+    if momentum_first:
+        m.mul_(beta2).add_(g, alpha=1 - beta2)
+        return torch.sign(m * beta1 + g * (1 - beta1))
+    u = torch.sign(m * beta1 + g * (1 - beta1))
+    m.mul_(beta2).add_(g, alpha=1 - beta2)
+    return u
+
+
+class SAGERule(Rule):
+    name = "sage"
+    defaults = dict(lr=2e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, momentum_first=True)
+    checks = dict(lr=check_lr, betas=check_betas, eps=check_positive,
+                  weight_decay=check_nonneg, momentum_first=check_bool)
+
+    def state_spec(self, shape, R, C):
+        if len(shape) >= 2:
+            return StateSpec(elementwise=("m",), replicated={"S": C}, step=True)
+        return StateSpec(elementwise=("m", "S"), step=True)
+
+    def run(self, f, p, g, st, group):
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        t = self.next_step(st)
+        bc = 1 - beta2 ** t
+        absg = g.abs()
+        if f.is_matrix:
+            (col_abs,) = yield [("col", f.span.col_sum(absg))]
+            s = col_abs / f.rows                      # global row count, zero rows included
+            S = st["S"].mul_(beta2).add_(s, alpha=1 - beta2)
+            S_hat = S / bc
+            sigma = S_hat.square().mean().sqrt()
+            gamma = s.square().mean().sqrt()
+            H = f.span.expand_col(sage_damper(S_hat, s, sigma, gamma, eps))
+        else:
+            S_new = st["S"] * beta2 + absg * (1 - beta2)
+            S_hat = S_new / bc
+            sq_hat, sq_s = yield [("row", S_hat.square().sum().reshape(1)),
+                                  ("row", absg.square().sum().reshape(1))]
+            st["S"].copy_(S_new)
+            n = f.cols
+            H = sage_damper(S_hat, absg, (sq_hat / n).sqrt(), (sq_s / n).sqrt(), eps)
+        self.commit_step(st)
+        p.mul_(1 - lr * wd)
+        u = sign_direction(st["m"], g, beta1, beta2, group["momentum_first"])
+        p.addcmul_(u, H, value=-lr)

@@ -1,0 +1,75 @@
+"""Sinkhorn normalisation of the gradient, stateless (ALGORITHMS.md §2 and §3).
+
+Both rules alternate row and column normalisation L times. They never materialise the
+normalised gradient X: X[i, j] = g[i, j] * r[i] * c[j] with a row scale r and a column scale
+c, so each half-iteration needs only sums of g^2 weighted by the other scale. Those sums are
+what a sharded run all-reduces.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Rule, check_iters, check_lr, check_nonneg, check_positive
+
+
+def _rescale(scale: torch.Tensor, sq_sum: torch.Tensor, target: float, eps: float) -> torch.Tensor:
+    """scale <- target * scale / (norm + eps), where norm = scale * sqrt(sq_sum).
+
+    A line of X that is exactly zero stays zero whatever its scale, so its scale is kept:
+    dividing by eps there would grow the scale each iteration until it overflowed.
+    """
+    norm = scale * sq_sum.sqrt()
+    return torch.where(sq_sum > 0, scale * target / (norm + eps), scale)
+
+
+def sinkhorn_scales(f, g2: torch.Tensor, iters: int, eps: float, row_target: float,
+                    col_target: float):
+    """Generator: yields row then column statistics `iters` times, returns the scales (r, c)."""
+    r = torch.ones(f.rows, dtype=torch.float32, device=g2.device)
+    c = torch.ones(f.cols, dtype=torch.float32, device=g2.device)
+    for _ in range(iters):
+        (rows,) = yield [("row", f.span.row_sum(f.span.scale(g2, col=c * c)))]
+        r = _rescale(r, rows, row_target, eps)
+        (cols,) = yield [("col", f.span.col_sum(f.span.scale(g2, row=r * r)))]
+        c = _rescale(c, cols, col_target, eps)
+    return r, c
+
+
+class SinkhornRule(Rule):
+    """Uniform Sinkhorn (§2): unit-norm rows and columns, step eta * kappa."""
+
+    name = "sinkhorn"
+    matrix_only = True
+    defaults = dict(lr=2e-3, weight_decay=0.01, sinkhorn_iters=5, sinkhorn_scale=10.0, eps=1e-8)
+    checks = dict(lr=check_lr, weight_decay=check_nonneg, sinkhorn_iters=check_iters,
+                  sinkhorn_scale=check_positive, eps=check_positive)
+
+    def targets(self, f):
+        return 1.0, 1.0
+
+    def step_size(self, group):
+        return group["lr"] * group["sinkhorn_scale"]
+
+    def run(self, f, p, g, st, group):
+        row_t, col_t = self.targets(f)
+        r, c = yield from sinkhorn_scales(f, g * g, group["sinkhorn_iters"], group["eps"],
+                                          row_t, col_t)
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.sub_(f.span.scale(g, row=r, col=c), alpha=self.step_size(group))
+
+
+class SinkGDRule(SinkhornRule):
+    """SinkGD (§3): rows scaled to norm sqrt(C), columns to sqrt(R), step alpha * eta."""
+
+    name = "sinkgd"
+    defaults = dict(lr=2e-2, weight_decay=0.0, sinkhorn_iters=5, linear_lr_scale=0.05, eps=1e-8)
+    checks = dict(lr=check_lr, weight_decay=check_nonneg, sinkhorn_iters=check_iters,
+                  linear_lr_scale=check_positive, eps=check_positive)
+
+    def targets(self, f):
+        return math.sqrt(f.cols), math.sqrt(f.rows)
+
+    def step_size(self, group):
+        return group["lr"] * group["linear_lr_scale"]

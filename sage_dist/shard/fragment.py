@@ -1,0 +1,62 @@
+"""Fragments: what this rank holds of each parameter, in the terms the rules need.
+
+A fragment names one parameter (its place in the optimizer's global order), its GLOBAL shape
+seen as a matrix [R, C] (a 1-D parameter of n elements is [1, n]; more dims fold into
+[size(0), rest]), the span of the row-major flat index this rank holds, and flat views of the
+local data and gradient. Layout adapters build fragments; rules only ever see fragments.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .span import Span
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The [R, C] view the rules use: 0-D and 1-D are one row, >2-D folds the trailing dims."""
+    if len(shape) <= 1:
+        return 1, (shape[0] if shape else 1)
+    return shape[0], math.prod(shape[1:])
+
+
+def global_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the whole parameter, whatever engine holds it.
+
+    DTensor reports its global shape; a DeepSpeed ZeRO-3 parameter keeps it in `ds_shape`.
+    """
+    ds_shape = getattr(p, "ds_shape", None)
+    if ds_shape is not None:
+        return tuple(ds_shape)
+    return tuple(p.shape)
+
+
+@dataclass
+class Fragment:
+    index: int              # position in the optimizer's global parameter order
+    name: str
+    param: torch.Tensor     # the object in param_groups (keys optimizer.state)
+    shape: tuple[int, ...]  # global shape
+    span: Span              # the part of the [R, C] matrix held here
+    data: torch.Tensor      # flat local view of the parameter (may be any float dtype)
+    grad: torch.Tensor | None
+    whole: bool             # this rank holds the entire parameter: no statistic needs a reduction
+    rows_local: bool        # every rank holds whole rows: row statistics are complete locally
+
+    @property
+    def rows(self) -> int:
+        return self.span.rows
+
+    @property
+    def cols(self) -> int:
+        return self.span.cols
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.shape) >= 2
+
+    def is_local(self, kind: str) -> bool:
+        """Whether a statistic of this kind ('row', 'col' or 'scalar') is already complete here."""
+        return self.whole or (kind == "row" and self.rows_local)
