@@ -1,0 +1,75 @@
+// Host-side argument checks and dtype dispatch shared by every backend, so that the
+// CPU and CUDA kernels reject the same inputs with the same messages (the Python
+// fallback in sage_dist/ops.py mirrors these rules).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+
+namespace sage_dist {
+
+inline void check_storage_dtype(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ",
+              name, " has dtype ", t.scalar_type(), "; allowed: Float, BFloat16");
+}
+
+inline void check_fp32_state(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " (optimizer state) has dtype ",
+              t.scalar_type(), "; allowed: Float");
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (got sizes ", t.sizes(),
+              ", strides ", t.strides(), ")");
+}
+
+inline void check_same_numel(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                             const char* op, const char* name) {
+  TORCH_CHECK(t.numel() == ref.numel(), op, ": ", name, " has ", t.numel(), " elements (sizes ",
+              t.sizes(), ") but ", ref_name, " has ", ref.numel(), " (sizes ", ref.sizes(),
+              "); they must have the same number of elements");
+}
+
+inline void check_device(const at::Tensor& ref, const char* ref_name, const at::Tensor& t,
+                         const char* op, const char* name, c10::DeviceType expected) {
+  TORCH_CHECK(t.device().type() == expected, op, ": ", name, " is on ", t.device(),
+              "; this kernel needs ", c10::DeviceTypeName(expected), " tensors");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device(), "; all tensors must be on one device");
+}
+
+// Calls f(P{}) with P = float or c10::BFloat16 according to `type`.
+template <typename F>
+void dispatch_float_or_bfloat16(at::ScalarType type, const char* op, const char* name, F&& f) {
+  switch (type) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " has dtype ", type, "; allowed: Float, BFloat16");
+  }
+}
+
+// Checks shared by every lion_update_ kernel.
+inline void check_lion_args(const at::Tensor& param, const at::Tensor& exp_avg,
+                            const at::Tensor& grad, c10::DeviceType device_type) {
+  constexpr const char* op = "sage_dist::lion_update_";
+  check_storage_dtype(param, op, "param");
+  check_storage_dtype(grad, op, "grad");
+  check_fp32_state(exp_avg, op, "exp_avg");
+  check_same_numel(param, "param", exp_avg, op, "exp_avg");
+  check_same_numel(param, "param", grad, op, "grad");
+  check_device(param, "param", param, op, "param", device_type);
+  check_device(param, "param", exp_avg, op, "exp_avg", device_type);
+  check_device(param, "param", grad, op, "grad", device_type);
+  check_contiguous(param, op, "param");
+  check_contiguous(exp_avg, op, "exp_avg");
+  check_contiguous(grad, op, "grad");
+}
+
+}  // namespace sage_dist
