@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..shard.fragment import global_shape, matrix_shape
-from ..shard.layout import LocalLayout
+from ..shard.layout import make_layout
 from .base import NONFINITE_MODES
 from .registry import get_rule
 
@@ -28,8 +28,8 @@ class RoutedOptimizer(torch.optim.Optimizer):
                              f"{', '.join(map(repr, NONFINITE_MODES))}")
         self.nonfinite = nonfinite
         self.nonfinite_count = 0
-        self.layout = layout if layout is not None else LocalLayout()
         super().__init__(params, dict(defaults or {}))
+        self.layout = layout if layout is not None else make_layout(self.named_parameters())
         self._init_state()
 
     # -- groups and state ---------------------------------------------------------------
@@ -58,6 +58,11 @@ class RoutedOptimizer(torch.optim.Optimizer):
                                  f"the optimizer updates parameters through flat views")
         if hasattr(self, "layout"):
             self._init_state()
+
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, parameter) in the optimizer's global order."""
+        return [(self._name(g, i), p) for g in self.param_groups
+                for i, p in enumerate(g["params"])]
 
     @staticmethod
     def _name(group: dict, i: int) -> str:
@@ -119,6 +124,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.layout.reducer.reset_counters()
         runs = []
         for f, rule, group in self._jobs():
             g = f.grad.float()
@@ -129,6 +135,31 @@ class RoutedOptimizer(torch.optim.Optimizer):
             runs.append([f, p, rule.run(f, p, g, st, group), g])
         self._run_phases(runs)
         return loss
+
+    # -- accounting -----------------------------------------------------------------------
+    def comm_stats(self) -> dict:
+        """Floats all-reduced and collectives issued by the last step() on this rank."""
+        r = self.layout.reducer
+        return {"floats": r.floats, "collectives": r.collectives}
+
+    def state_bytes(self) -> dict:
+        """This rank's exact bytes of optimizer state.
+
+        'elementwise': state shaped like the parameter (this rank's slice only);
+        'replicated': state every rank holds in full (SAGE's per-column S, step counts).
+        """
+        out = {"elementwise": 0, "replicated": 0}
+        for group in self.param_groups:
+            rule = get_rule(group["rule"])
+            for p in group["params"]:
+                shape = global_shape(p)
+                spec = rule.state_spec(shape, *matrix_shape(shape))
+                for key, t in self.state[p].items():
+                    kind = "elementwise" if key in spec.elementwise else "replicated"
+                    local = self.layout.local_flat(t) if kind == "elementwise" else t
+                    out[kind] += local.numel() * local.element_size()
+        out["total"] = out["elementwise"] + out["replicated"]
+        return out
 
     def _run_phases(self, runs) -> None:
         reducer = self.layout.reducer

@@ -57,6 +57,8 @@ def get_recipe(name) -> Recipe:
 
 # -- classification -----------------------------------------------------------------------
 def _output_head(model: nn.Module):
+    while isinstance(getattr(model, "module", None), nn.Module):  # DDP and similar wrappers
+        model = model.module
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if head is None:  # models without the Hugging Face method: the usual names

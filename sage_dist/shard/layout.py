@@ -37,3 +37,13 @@ class LocalLayout:
     def local_flat(self, t: torch.Tensor) -> torch.Tensor:
         """The flat local view of an elementwise state tensor (shares its storage)."""
         return t.view(-1)
+
+
+def make_layout(named_params: list[tuple[str, torch.Tensor]]):
+    """The layout for these parameters: DTensor (FSDP2/HSDP) if any is a DTensor, else local."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for _, p in named_params):
+        from .dtensor import DTensorLayout
+        return DTensorLayout(named_params)
+    return LocalLayout()

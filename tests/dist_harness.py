@@ -1,0 +1,62 @@
+"""Run a function on N real processes over gloo (CPU) and collect what each rank returns.
+
+One spawn per configuration; the worker runs many cases inside it, so the suite stays fast.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, out_dir, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        result = {"ok": fn(rank, world, *args)}
+    except BaseException as e:  # report, do not hang the others: abort the group
+        result = {"error": f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}",
+                  "type": type(e).__name__, "message": str(e)}
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    try:
+        if "error" not in result:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run(fn, world: int, *args, expect_error: bool = False):
+    """fn(rank, world, *args) on `world` processes; returns the list of per-rank results.
+
+    With expect_error=True, returns the per-rank error dicts instead of raising.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_entry, args=(world, free_port(), out_dir, fn, args), nprocs=world,
+                           join=True, start_method="spawn")
+        results = []
+        for r in range(world):
+            with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+    errors = [r for r in results if "error" in r]
+    if expect_error:
+        return results
+    if errors:
+        raise AssertionError("\n".join(e["error"] for e in errors))
+    return [r["ok"] for r in results]
