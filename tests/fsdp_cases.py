@@ -169,3 +169,127 @@ def bad_placements(rank, world, case):
         q = nn.Parameter(distribute_tensor(torch.zeros(6, 4), other, [Replicate(), Shard(0)]))
         sage_dist.optim.SAGE([p, q])
     return "no error"
+
+
+CKPT_BATCH = 6  # divides by 2 and 3: the same global batches at both world sizes
+
+
+def _train(model, opt, rank, world, steps, start=0):
+    for step in range(start, start + steps):
+        model(local_batch(step, rank, world, CKPT_BATCH)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
+
+
+def full_state(model, opt):
+    """Every parameter and optimizer-state tensor, gathered whole (same order on all ranks)."""
+    out = {f"param:{n}": _full(p.detach()) for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        for name, p in zip(g["param_names"], g["params"]):
+            for k, v in opt.state[p].items():
+                out[f"state:{name}:{k}"] = _full(v)
+    return out
+
+
+def checkpoint_save(rank, world, recipe, path, steps):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model = sharded_model(make_mesh((world,)))
+    opt = sage_dist.build_optimizer(model, recipe)
+    _train(model, opt, rank, world, steps)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    return full_state(model, opt)
+
+
+def _load(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def _exact_steps(model, opt, rank, world, start, steps):
+    """Per-step exactness (as in `exactness`) from a loaded state: the oracle starts from the
+    same full state."""
+    ref_params = [[torch.empty(p.shape) for p in g["params"]] for g in opt.param_groups]
+    ref = ReferenceOptimizer(opt.param_groups, ref_params)
+    for sts, g in zip(ref.state, opt.param_groups):
+        for st, p in zip(sts, g["params"]):
+            for k, v in opt.state[p].items():
+                st[k] = int(v.item()) if k == "step" else _full(v)
+    worst, flips, numel = 0.0, 0, 0
+    for step in range(start, start + steps):
+        model(local_batch(step, rank, world, CKPT_BATCH)).backward()
+        for rg, g in zip(ref_params, opt.param_groups):
+            for rp, p in zip(rg, g["params"]):
+                rp.copy_(p.full_tensor())
+        ref.step([[p.grad.full_tensor() for p in g["params"]] for g in opt.param_groups])
+        opt.step()
+        opt.zero_grad()
+        for rg, g in zip(ref_params, opt.param_groups):
+            flip = 2 * g["lr"] if g["rule"] in SIGN_RULES else None
+            for rp, p in zip(rg, g["params"]):
+                d = compare(p.full_tensor(), rp, 1e-6, flip)
+                worst, flips, numel = max(worst, d.rel), flips + d.flips, numel + d.numel
+    return worst, flips, numel
+
+
+def checkpoint_resume(rank, world, recipe, path, done, total):
+    """Load at this world size: the state as saved, exact steps after it, and the whole run
+    compared with an uninterrupted run at this world size."""
+    mesh = make_mesh((world,))
+    straight = sharded_model(mesh)
+    sopt = sage_dist.build_optimizer(straight, recipe)
+    _train(straight, sopt, rank, world, total)
+
+    model = sharded_model(mesh, seed=1)   # different init: everything must come from the file
+    opt = sage_dist.build_optimizer(model, recipe)
+    _load(model, opt, path)
+    loaded = full_state(model, opt)
+    exact = _exact_steps(model, opt, rank, world, done, total - done)
+    a = dict((n, p.full_tensor()) for n, p in straight.named_parameters())
+    drift = max(compare(p.full_tensor(), a[n], 0).rel for n, p in model.named_parameters())
+    return dict(loaded=loaded, exact=exact, drift=drift)
+
+
+def ddp_matches_single_process(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(ProbeLlama(0))
+    opt = sage_dist.build_optimizer(model, "sage-hybrid")
+    assert opt.layout.name == "local"
+    plain = ProbeLlama(0)
+    popt = sage_dist.build_optimizer(plain, "sage-hybrid")
+    names = {r: [n for n in g["param_names"]] for r, g in
+             zip(range(len(opt.param_groups)), opt.param_groups)}
+    assert names == {r: g["param_names"] for r, g in enumerate(popt.param_groups)}
+    for step in range(3):
+        model(local_batch(step, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+        plain(global_batch(step)).backward()
+        popt.step()
+        popt.zero_grad()
+    return max(compare(a, b, 0).rel for a, b in zip(model.module.parameters(),
+                                                   plain.parameters()))
+
+
+def comm_of_config(rank, world, config_path, recipe):
+    """One real FSDP2 step of a model config: the floats it all-reduced, and the parameter count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig.from_json_file(config_path)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    shard_llama(model, make_mesh((world,)))
+    opt = sage_dist.build_optimizer(model, recipe)
+    x = torch.randint(0, cfg.vocab_size, (1, 8))
+    model(x, labels=x).loss.backward()
+    opt.step()
+    return opt.comm_stats(), expected_comm_floats(opt), n
