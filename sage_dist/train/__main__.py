@@ -1,0 +1,5 @@
+import sys
+
+from .single import main
+
+sys.exit(main())
