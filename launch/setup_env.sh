@@ -23,9 +23,11 @@ stamp_of() { cat requirements.txt setup.py $(find csrc -type f | sort) | sha256s
 STAMP=".venv/.sage_dist-$(stamp_of)"
 if [ ! -f "$STAMP" ]; then
   t0=$(date +%s)
-  python -m pip install -q --upgrade pip
+  # pip's notes about local wheel folders that this machine lacks are noise: filtered out.
+  quiet() { { grep -v -E "^WARNING: Location 'file://" || true; } >&2; }
+  python -m pip install -q --upgrade pip 2> >(quiet)
   echo "[setup] installing pinned requirements"
-  python -m pip install -q -r requirements.txt
+  python -m pip install -q -r requirements.txt 2> >(quiet)
   echo "[setup] building sage_dist and its extension (CUDA_HOME=${CUDA_HOME:-none})"
   # The build log (compiler lines included) goes to .venv/build.log; its summary is shown.
   if ! MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -v --no-build-isolation -e . \
