@@ -42,17 +42,32 @@ def _entry(rank, world, port, out_dir, fn, args):
         dist.destroy_process_group()
 
 
-def run(fn, world: int, *args, expect_error: bool = False):
+def run(fn, world: int, *args, expect_error: bool = False, timeout: float = 900):
     """fn(rank, world, *args) on `world` processes; returns the list of per-rank results.
 
-    With expect_error=True, returns the per-rank error dicts instead of raising.
+    Results are written by each rank before process-group teardown; a rank that reported and
+    then died in teardown (seen rarely with gloo at exit) still counts as reported, and a rank
+    that never reported fails the run with its exit code. With expect_error=True, returns the
+    per-rank error dicts instead of raising.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_entry, args=(world, free_port(), out_dir, fn, args), nprocs=world,
-                           join=True, start_method="spawn")
+        ctx = mp.start_processes(_entry, args=(world, free_port(), out_dir, fn, args),
+                                 nprocs=world, join=False, start_method="spawn")
+        for proc in ctx.processes:
+            proc.join(timeout)
+        codes = []
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            codes.append(proc.exitcode)
         results = []
         for r in range(world):
-            with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
+            path = os.path.join(out_dir, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                raise AssertionError(f"rank {r} reported nothing (exit code {codes[r]}; "
+                                     f"all exit codes {codes})")
+            with open(path, "rb") as f:
                 results.append(pickle.load(f))
     errors = [r for r in results if "error" in r]
     if expect_error:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..shard.fragment import global_shape, matrix_shape
+from ..shard.fragment import global_shape
 from ..shard.layout import make_layout
 from .base import NONFINITE_MODES
 from .registry import get_rule
@@ -22,13 +22,17 @@ class RoutedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params, defaults: dict | None = None, *, nonfinite: str = "skip",
-                 layout=None):
+                 layout=None, defer_state: bool = False):
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r} is invalid: allowed are "
                              f"{', '.join(map(repr, NONFINITE_MODES))}")
         self.nonfinite = nonfinite
         self.nonfinite_count = 0
+        # For engines that re-partition parameters (DeepSpeed): state is created by
+        # attach_deepspeed() for the partitions, never for the full parameters.
+        self._defer_state = defer_state
         super().__init__(params, dict(defaults or {}))
+        self._names = {id(p): n for n, p in self.named_parameters()}
         self.layout = layout if layout is not None else make_layout(self.named_parameters())
         self._init_state()
 
@@ -71,21 +75,13 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     def _init_state(self) -> None:
         """Create every rule's state now, so state_dict keys exist before the first step."""
+        if getattr(self, "_defer_state", False):
+            return
         for group in self.param_groups:
             rule = get_rule(group["rule"])
             for p in group["params"]:
-                if p in self.state and self.state[p]:
-                    continue
-                shape = global_shape(p)
-                spec = rule.state_spec(shape, *matrix_shape(shape))
-                st = {}
-                if spec.step:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                for key in spec.elementwise:
-                    st[key] = self.layout.new_elementwise(p)
-                for key, n in spec.replicated.items():
-                    st[key] = torch.zeros(n, dtype=torch.float32, device=p.device)
-                self.state[p] = st
+                if not self.state.get(p):
+                    self.state[p] = self.layout.new_state(p, rule)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state keeps its saved dtype (fp32).
@@ -103,19 +99,18 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     # -- the step -----------------------------------------------------------------------
     def _jobs(self):
-        """(fragment, rule, group) for every parameter with a gradient, in global order."""
-        jobs, index = [], 0
+        """(fragment, rule, group, entry) for every fragment with a gradient, in global order."""
+        jobs = []
         for group in self.param_groups:
             rule = get_rule(group["rule"])
             for i, p in enumerate(group["params"]):
-                f = self.layout.fragment(index, self._name(group, i), p)
-                index += 1
-                if f.grad is None:
-                    continue
-                if f.grad.is_sparse:
-                    raise RuntimeError(f"{f.name}: sparse gradients are not supported; "
-                                       f"use a dense embedding (sparse=False)")
-                jobs.append((f, rule, group))
+                for f in self.layout.fragments(p, self._name(group, i)):
+                    if f.grad is None:
+                        continue
+                    if f.grad.is_sparse:
+                        raise RuntimeError(f"{f.name}: sparse gradients are not supported; "
+                                           f"use a dense embedding (sparse=False)")
+                    jobs.append((f, rule, group, p))
         return jobs
 
     @torch.no_grad()
@@ -126,15 +121,34 @@ class RoutedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self.layout.reducer.reset_counters()
         runs = []
-        for f, rule, group in self._jobs():
+        for f, rule, group, entry in self._jobs():
             g = f.grad.float()
             p = f.data if f.data.dtype == torch.float32 else f.data.float()
-            spec = rule.state_spec(f.shape, f.rows, f.cols)
-            st = {k: self.layout.local_flat(v) if k in spec.elementwise else v
-                  for k, v in self.state[f.param].items()}
+            st = self.layout.state_views(f, self.state[entry], rule)
             runs.append([f, p, rule.run(f, p, g, st, group), g])
         self._run_phases(runs)
         return loss
+
+    def attach_deepspeed(self, engine) -> None:
+        """Switch to DeepSpeed's ZeRO partitions after deepspeed.initialize wrapped us."""
+        from ..shard.zero import ZeroLayout
+
+        layout = ZeroLayout(engine.optimizer, self._names)
+        self.layout = layout
+        for group in self.param_groups:
+            # Names of the original parameters no longer match the partitions in 'params'.
+            group.pop("param_names", None)
+        self.state.clear()
+        for e in layout.entries.values():
+            self.state[e.flat] = layout.new_state(e.flat, get_rule(
+                self.param_groups[e.group_index]["rule"]))
+        self._defer_state = False
+
+    def materialize_state(self) -> None:
+        """Create deferred state for the tensors now in param_groups."""
+        self._defer_state = False
+        self.layout = make_layout(self.named_parameters())
+        self._init_state()
 
     # -- accounting -----------------------------------------------------------------------
     def comm_stats(self) -> dict:
@@ -152,10 +166,9 @@ class RoutedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             rule = get_rule(group["rule"])
             for p in group["params"]:
-                shape = global_shape(p)
-                spec = rule.state_spec(shape, *matrix_shape(shape))
+                elementwise = self.layout.elementwise_keys(p, rule)
                 for key, t in self.state[p].items():
-                    kind = "elementwise" if key in spec.elementwise else "replicated"
+                    kind = "elementwise" if key in elementwise else "replicated"
                     local = self.layout.local_flat(t) if kind == "elementwise" else t
                     out[kind] += local.numel() * local.element_size()
         out["total"] = out["elementwise"] + out["replicated"]

@@ -194,19 +194,20 @@ def param_groups(model: nn.Module, recipe="sage-hybrid", lr=None, overrides=None
 
 def build_optimizer(model: nn.Module, recipe: str = "sage-hybrid", lr: float | None = None, *,
                     overrides=None, head: str = "sage", nonfinite: str = "skip",
-                    **hyperparameters) -> RoutedOptimizer:
+                    defer_state: bool = False, **hyperparameters) -> RoutedOptimizer:
     """One torch.optim.Optimizer for the whole model, routed by `recipe`.
 
     lr=None takes the recipe's default. Other keywords are hyperparameters of the recipe's
     rules (each goes to the groups whose rule takes it). `overrides` maps regex patterns on
     parameter names to a rule name or to {'rule': ..., **hyperparameters}; the first pattern
     that matches wins. `head` ('sage', 'auto' or 'sinkhorn') routes an untied output head under
-    sage-hybrid.
+    sage-hybrid. `defer_state=True` is for engines that re-partition the parameters
+    (DeepSpeed): state is created for the partitions later, never for the full tensors.
     """
     groups = param_groups(model, recipe, lr, overrides, head, **hyperparameters)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    opt = RoutedOptimizer(groups, nonfinite=nonfinite)
+    opt = RoutedOptimizer(groups, nonfinite=nonfinite, defer_state=defer_state)
     opt.recipe = get_recipe(recipe).name
     return opt
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .fragment import Fragment, global_shape, matrix_shape
+from .layout import Layout
 from .span import Span
 from .stats import StatsReducer
 
@@ -40,7 +41,7 @@ def _shard_dim_of(name: str, p: DTensor) -> int | None:
     return shard_dims[0] if shard_dims else None
 
 
-class DTensorLayout:
+class DTensorLayout(Layout):
     """Fragments of DTensor parameters that all live on one device mesh."""
 
     name = "dtensor"
@@ -76,7 +77,7 @@ class DTensorLayout:
         r0 = min(self.rank * chunk, R)
         return r0, min(r0 + chunk, R)
 
-    def fragment(self, index: int, name: str, p: DTensor) -> Fragment:
+    def fragments(self, p: DTensor, name: str) -> list[Fragment]:
         shape = global_shape(p)
         R, C = matrix_shape(shape)
         local = p.to_local()
@@ -92,9 +93,9 @@ class DTensorLayout:
                                f"does not follow FSDP2's torch.chunk layout")
         grad = p.grad.to_local().reshape(-1) if p.grad is not None else None
         whole = self.world == 1 or _shard_dim_of(name, p) is None
-        return Fragment(index=index, name=name, param=p, shape=shape,
-                        span=Span(R, C, start, end), data=local.view(-1), grad=grad,
-                        whole=whole, rows_local=len(shape) >= 2)
+        return [Fragment(name=name, param=p, shape=shape,
+                         span=Span(R, C, start, end), data=local.view(-1), grad=grad,
+                         whole=whole, rows_local=len(shape) >= 2)]
 
     def new_elementwise(self, p: DTensor) -> DTensor:
         local = torch.zeros_like(p.to_local(), dtype=torch.float32)

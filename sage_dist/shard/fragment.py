@@ -35,7 +35,6 @@ def global_shape(p: torch.Tensor) -> tuple[int, ...]:
 
 @dataclass
 class Fragment:
-    index: int              # position in the optimizer's global parameter order
     name: str
     param: torch.Tensor     # the object in param_groups (keys optimizer.state)
     shape: tuple[int, ...]  # global shape
@@ -44,6 +43,7 @@ class Fragment:
     grad: torch.Tensor | None
     whole: bool             # this rank holds the entire parameter: no statistic needs a reduction
     rows_local: bool        # every rank holds whole rows: row statistics are complete locally
+    slot: int = 0           # position among the fragments of its optimizer entry
 
     @property
     def rows(self) -> int:

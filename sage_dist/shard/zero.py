@@ -1,0 +1,231 @@
+"""Layout of DeepSpeed ZeRO partitions: flat fp32 tensors that cut through parameters.
+
+DeepSpeed hands the client optimizer one flat fp32 tensor per param group (ZeRO-1/2, and
+BF16_Optimizer) or per sub-group (ZeRO-3). A flat holds, for each of its member parameters,
+a contiguous range [a, b) of that parameter's row-major flat index, at some offset, which
+may start and end mid-row; ranks that hold nothing of a member still know it. The map from
+each flat to (member, range, offset) is rebuilt here from DeepSpeed's partitioning
+bookkeeping, once, right after deepspeed.initialize.
+
+State is keyed by the flat (what DeepSpeed checkpoints and offloads): elementwise state is a
+flat-shaped fp32 tensor; per-member replicated state (SAGE's per-column S) is one fp32
+vector per flat holding every member's piece; step counts are one entry per member.
+Every member takes part in every statistics phase on every rank (zeros where nothing is
+held), so replicated state stays identical on all ranks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .fragment import Fragment, matrix_shape
+from .layout import Layout
+from .span import Span
+from .stats import StatsReducer
+
+TESTED_DEEPSPEED = ("0.19.8",)
+_REQUIRED = {
+    "DeepSpeedZeroOptimizer": ("single_partition_of_fp32_groups", "round_robin_bit16_groups",
+                               "round_robin_bit16_offsets", "round_robin_bit16_meta",
+                               "bit16_groups_flat", "partition_size", "real_dp_process_group"),
+    "BF16_Optimizer": ("fp32_groups_flat_partition", "bf16_groups", "bf16_groups_flat",
+                       "real_dp_process_group"),
+    "DeepSpeedZeroOptimizer_Stage3": ("fp32_partitioned_groups_flat", "fp16_groups",
+                                      "sub_group_to_group_id", "_get_sub_group_process_group",
+                                      "grad_position", "get_param_id"),
+}
+
+
+@dataclass
+class Member:
+    """One parameter inside a flat: where its held range sits (a == b: nothing held here)."""
+
+    name: str
+    shape: tuple[int, ...]
+    a: int
+    b: int
+    offset: int
+
+
+@dataclass
+class FlatEntry:
+    flat: torch.Tensor          # strong reference: the id stays valid
+    group_index: int            # index into the client optimizer's param_groups
+    members: list[Member]       # every parameter of the flat, same list on every rank
+
+
+def check_version(wrapper) -> None:
+    """Fail at initialize, naming what is missing, if DeepSpeed's internals moved."""
+    import deepspeed
+
+    kind = type(wrapper).__name__
+    if kind not in _REQUIRED:
+        raise NotImplementedError(
+            f"DeepSpeed wrapped the optimizer in {kind}; sage_dist supports "
+            f"{', '.join(_REQUIRED)} (ZeRO stages 1, 2 and 3)")
+    missing = [a for a in _REQUIRED[kind] if not hasattr(wrapper, a)]
+    if missing:
+        raise RuntimeError(
+            f"DeepSpeed {deepspeed.__version__}: {kind} has no attribute "
+            f"{', '.join(missing)}, which sage_dist's ZeRO layout reads; supported DeepSpeed "
+            f"versions: {', '.join(TESTED_DEEPSPEED)}")
+
+
+def _range(start: int, size: int, lo: int, hi: int):
+    """Intersection of [start, start+size) with [lo, hi), as (a, b, offset in [lo, hi))."""
+    a, b = max(start, lo), min(start + size, hi)
+    return (a - start, b - start, a - lo) if a < b else (0, 0, 0)
+
+
+def _stage12_entries(opt, names) -> list[FlatEntry]:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    bf16 = isinstance(opt, BF16_Optimizer)
+    flats = opt.fp32_groups_flat_partition if bf16 else opt.single_partition_of_fp32_groups
+    out = []
+    for i, flat in enumerate(flats):
+        pg = opt.real_dp_process_group[i]
+        rank, world = dist.get_rank(group=pg), dist.get_world_size(group=pg)
+        total = (opt.bf16_groups_flat if bf16 else opt.bit16_groups_flat)[i].numel()
+        P = total // world
+        if P != flat.numel():
+            raise RuntimeError(f"DeepSpeed partition of group {i} has {flat.numel()} elements, "
+                               f"expected {P}: unsupported partitioning")
+        if bf16:  # client order, packed
+            params = opt.bf16_groups[i]
+            offsets = [sum(p.numel() for p in params[:j]) for j in range(len(params))]
+        else:     # round-robin order, with any per-parameter alignment padding
+            params, offsets = opt.round_robin_bit16_groups[i], opt.round_robin_bit16_offsets[i]
+        members = []
+        for p, off in zip(params, offsets):
+            a, b, o = _range(off, p.numel(), rank * P, (rank + 1) * P)
+            members.append(Member(names.get(id(p), f"group{i}.param"), tuple(p.shape), a, b, o))
+        out.append(FlatEntry(flat, i, members))
+    return out
+
+
+def _stage3_entries(opt, names) -> list[FlatEntry]:
+    out = []
+    for k, (flat, params) in enumerate(zip(opt.fp32_partitioned_groups_flat, opt.fp16_groups)):
+        rank = dist.get_rank(group=opt._get_sub_group_process_group(k))
+        members, off = [], 0
+        for p in params:
+            pn = p.partition_numel()  # ceil(numel / world) per rank, last rank padded
+            if tuple(opt.grad_position[opt.get_param_id(p)]) != (k, off, pn):
+                raise RuntimeError("DeepSpeed ZeRO-3 partition bookkeeping disagrees with "
+                                   "sage_dist's layout: unsupported DeepSpeed version")
+            a, b = min(rank * pn, p.ds_numel), min((rank + 1) * pn, p.ds_numel)
+            members.append(Member(names.get(id(p), f"subgroup{k}.param"), tuple(p.ds_shape),
+                                  a, b, off))
+            off += pn
+        if off != flat.numel():
+            raise RuntimeError(f"ZeRO-3 sub-group {k}: members fill {off} of {flat.numel()} "
+                               f"elements: unsupported partitioning")
+        out.append(FlatEntry(flat, opt.sub_group_to_group_id[k], members))
+    return out
+
+
+class ZeroLayout(Layout):
+    """Fragments of DeepSpeed ZeRO-1/2/3 flat partitions (and of BF16_Optimizer's)."""
+
+    name = "zero"
+
+    def __init__(self, wrapper, names: dict[int, str]):
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+        check_version(wrapper)
+        self.stage3 = isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3)
+        entries = (_stage3_entries if self.stage3 else _stage12_entries)(wrapper, names)
+        self.entries = {id(e.flat): e for e in entries}
+        group = (wrapper._get_sub_group_process_group(0) if self.stage3
+                 else wrapper.real_dp_process_group[0])
+        self.world = dist.get_world_size(group=group)
+        self.reducer = StatsReducer(group if self.world > 1 else None)
+
+    def entry(self, flat: torch.Tensor) -> FlatEntry:
+        e = self.entries.get(id(flat))
+        if e is None or e.flat is not flat:
+            raise RuntimeError("the optimizer was handed a tensor that is not one of DeepSpeed's "
+                               "partitions it was attached to; build it through "
+                               "sage_dist.deepspeed.initialize")
+        return e
+
+    def fragments(self, flat: torch.Tensor, name: str) -> list[Fragment]:
+        out = []
+        grad = flat.grad
+        for i, m in enumerate(self.entry(flat).members):
+            R, C = matrix_shape(m.shape)
+            n = m.b - m.a
+            sl = slice(m.offset, m.offset + n)
+            out.append(Fragment(name=m.name, param=flat, shape=m.shape,
+                                span=Span(R, C, m.a, m.b), data=flat.data[sl],
+                                grad=None if grad is None else grad[sl],
+                                whole=self.world == 1, rows_local=self.world == 1, slot=i))
+        return out
+
+    # -- state: one set of tensors per flat ------------------------------------------------
+    def _specs(self, e: FlatEntry, rule):
+        return [rule.state_spec(m.shape, *matrix_shape(m.shape)) for m in e.members]
+
+    def new_state(self, flat: torch.Tensor, rule) -> dict:
+        e = self.entry(flat)
+        specs = self._specs(e, rule)
+        elem = set().union(*(s.elementwise for s in specs)) if specs else set()
+        rep: dict[str, int] = {}
+        for s in specs:
+            for key, n in s.replicated.items():
+                rep[key] = rep.get(key, 0) + n
+        if elem & set(rep):
+            raise NotImplementedError(
+                f"param group {e.group_index} mixes 1-D and >=2-D parameters under rule "
+                f"{rule.name!r}, whose state differs between them; put them in separate groups "
+                f"(build_optimizer does)")
+        st = {}
+        if any(s.step for s in specs):
+            st["step"] = torch.zeros(len(e.members), dtype=torch.float32)
+        for key in sorted(elem):
+            st[key] = torch.zeros_like(flat, dtype=torch.float32)
+        for key, n in rep.items():
+            st[key] = torch.zeros(n, dtype=torch.float32, device=flat.device)
+        return st
+
+    def state_views(self, f: Fragment, state: dict, rule) -> dict:
+        e = self.entry(f.param)
+        i = f.slot
+        m, specs = e.members[i], self._specs(e, rule)
+        out = {}
+        for key, t in state.items():
+            if key == "step":
+                out[key] = t[i]
+            elif key in specs[i].elementwise:
+                out[key] = t[m.offset:m.offset + (m.b - m.a)]
+            else:
+                start = sum(s.replicated.get(key, 0) for s in specs[:i])
+                out[key] = t[start:start + specs[i].replicated[key]]
+        return out
+
+    def elementwise_keys(self, flat, rule) -> set[str]:
+        specs = self._specs(self.entry(flat), rule)
+        return set().union(*(s.elementwise for s in specs)) if specs else set()
+
+    def local_flat(self, t):
+        return t.view(-1)
+
+
+def gather_members(layout: ZeroLayout, flat: torch.Tensor, values: torch.Tensor,
+                   ) -> list[torch.Tensor]:
+    """Whole tensors of every member of `flat`, from a flat-shaped local tensor (the flat
+    itself, its grad, or elementwise state), assembled across ranks with one all-reduce.
+    Collective: every rank of the group must call it for the same flat."""
+    e = layout.entry(flat)
+    fulls = [torch.zeros(math.prod(m.shape), dtype=torch.float32) for m in e.members]
+    for full, m in zip(fulls, e.members):
+        full[m.a:m.b] = values[m.offset:m.offset + (m.b - m.a)].float().cpu()
+    if layout.world > 1 and fulls:
+        buf = torch.cat(fulls)
+        dist.all_reduce(buf, group=layout.reducer.group)
+        fulls = list(torch.split(buf, [f.numel() for f in fulls]))
+    return [f.view(m.shape) for f, m in zip(fulls, e.members)]
