@@ -155,6 +155,9 @@ def single_bf16_losses(steps, world=2):
     """One process, the same bf16 model with an fp32 master copy, the same global batches."""
     model = ProbeLlama(0).to(torch.bfloat16)
     master = ProbeLlama(0)
+    with torch.no_grad():  # DeepSpeed's fp32 master starts from the bf16-rounded weights
+        for p, m in zip(model.parameters(), master.parameters()):
+            m.copy_(p)
     opt = sage_dist.build_optimizer(master, "sage-hybrid")
     losses = []
     for step in range(steps):

@@ -78,11 +78,14 @@ def test_bf16_with_fp32_master_weights(stage, extra, wrapper):
     curve = max(abs(a - b) / abs(b) for a, b in zip(res["losses"], ref_losses))
     params = max((a - b).abs().max().item() / b.abs().max().item()
                  for a, b in zip(res["params"], ref_params))
+    # The steps agree per step with the oracle fed the same fp32 master weights and fp32
+    # gradients (tighter than bf16 tolerance), and the loss curves agree within bf16
+    # tolerance. The end parameters of the two runs are reported only: bf16 forward/backward
+    # on 2 ranks vs 1 differ by bf16 rounding, which sign updates turn into different steps.
     print(f"bf16 ZeRO-{stage} ({wrapper}): per-step max rel {worst:.2e}, flips {flips}; "
-          f"loss curve max rel diff {curve:.2e}; params vs one process {params:.2e}")
+          f"loss curve max rel diff {curve:.2e}; end params vs one process {params:.2e}")
     assert worst <= 1e-6 and flips <= 1e-5 * numel
-    assert curve < 2e-2          # bf16 forward/backward on 2 ranks vs 1: bf16 tolerance
-    assert params < 5e-2
+    assert curve < 2e-2
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -127,3 +130,31 @@ def test_bad_config_fails_before_training(case, exc, message):
     with pytest.raises(exc) as e:
         cases.bad_config(0, 1, case)
     assert message in str(e.value)
+
+
+def test_missing_internal_attribute_fails_naming_it_and_versions():
+    from sage_dist.shard.zero import check_version
+
+    class DeepSpeedZeroOptimizer:  # what a future DeepSpeed might hand us
+        single_partition_of_fp32_groups = []
+
+    with pytest.raises(RuntimeError) as e:
+        check_version(DeepSpeedZeroOptimizer())
+    assert "round_robin_bit16_groups" in str(e.value) and "0.19.8" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2_offload_bf16"])
+def test_shipped_configs_name_our_optimizer(name):
+    import sage_dist.deepspeed as sdds
+    cfg = sdds.load_config(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                        "deepspeed", f"{name}.json"))
+    assert sdds.our_recipe(cfg["optimizer"]["type"]) == "sage-hybrid"
+
+
+def test_type_names_resolve_as_documented():
+    import sage_dist.deepspeed as sdds
+    assert sdds.our_recipe("SAGE-Hybrid") == sdds.our_recipe("sage_hybrid") == "sage-hybrid"
+    assert sdds.our_recipe("Scale") == "scale"
+    assert sdds.our_recipe("adamw") is None and sdds.our_recipe("lion") is None  # DeepSpeed's
+    assert sdds.our_recipe("sage_dist.lion") == "lion"
+    assert sdds.our_recipe("sgd") is None
