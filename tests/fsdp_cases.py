@@ -81,6 +81,41 @@ def expected_comm_floats(opt) -> int:
     return total
 
 
+class Oracle:
+    """The single-process oracle beside a sharded optimizer (DISTRIBUTED.md §5): each step
+    starts the oracle from the same full parameters and full averaged gradients, steps both,
+    and compares. The oracle keeps its own state (optionally seeded from the optimizer's)."""
+
+    def __init__(self, opt, seed_state=False):
+        self.opt = opt
+        self.params = [[torch.empty(p.shape) for p in g["params"]] for g in opt.param_groups]
+        self.ref = ReferenceOptimizer(opt.param_groups, self.params)
+        if seed_state:
+            for sts, g in zip(self.ref.state, opt.param_groups):
+                for st, p in zip(sts, g["params"]):
+                    for k, v in opt.state[p].items():
+                        st[k] = int(v.item()) if k == "step" else _full(v)
+        self.worst, self.flips, self.numel = 0.0, 0, 0
+
+    def step(self):
+        opt = self.opt
+        for rg, g in zip(self.params, opt.param_groups):
+            for rp, p in zip(rg, g["params"]):
+                rp.copy_(p.full_tensor())
+        self.ref.step([[p.grad.full_tensor() for p in g["params"]] for g in opt.param_groups])
+        opt.step()
+        for rg, g in zip(self.params, opt.param_groups):
+            flip = 2 * g["lr"] if g["rule"] in SIGN_RULES else None
+            for rp, p in zip(rg, g["params"]):
+                d = compare(p.full_tensor(), rp, 1e-6, flip)
+                self.worst = max(self.worst, d.rel)
+                self.flips, self.numel = self.flips + d.flips, self.numel + d.numel
+
+    @property
+    def result(self):
+        return self.worst, self.flips, self.numel
+
+
 def exactness(rank, world, mesh_shape, recipes, steps):
     """Per step: the sharded step vs the oracle stepped from the same full params and grads."""
     mesh = make_mesh(mesh_shape)
@@ -89,24 +124,14 @@ def exactness(rank, world, mesh_shape, recipes, steps):
     for recipe in recipes:
         model = sharded_model(mesh)
         opt = sage_dist.build_optimizer(model, recipe)
-        ref_params = [[torch.empty(p.shape) for p in g["params"]] for g in opt.param_groups]
-        ref = ReferenceOptimizer(opt.param_groups, ref_params)
-        worst, flips, numel, comm_ok, comm = 0.0, 0, 0, True, None
+        oracle, comm_ok, comm = Oracle(opt), True, None
         for step in range(steps):
             model(local_batch(step, rank, dp)).backward()
-            for rg, g in zip(ref_params, opt.param_groups):
-                for rp, p in zip(rg, g["params"]):
-                    rp.copy_(p.full_tensor())
-            ref.step([[p.grad.full_tensor() for p in g["params"]] for g in opt.param_groups])
-            opt.step()
+            oracle.step()
             comm = opt.comm_stats()
             comm_ok &= comm["floats"] == expected_comm_floats(opt)
             opt.zero_grad(set_to_none=True)
-            for rg, g in zip(ref_params, opt.param_groups):
-                flip = 2 * g["lr"] if g["rule"] in SIGN_RULES else None
-                for rp, p in zip(rg, g["params"]):
-                    d = compare(p.full_tensor(), rp, 1e-6, flip)
-                    worst, flips, numel = max(worst, d.rel), flips + d.flips, numel + d.numel
+        worst, flips, numel = oracle.result
         out[recipe] = dict(rel=worst, flips=flips, numel=numel, comm_ok=comm_ok, comm=comm,
                            expected=expected_comm_floats(opt), state=opt.state_bytes())
     return out
@@ -216,29 +241,13 @@ def _load(model, opt, path):
 
 
 def _exact_steps(model, opt, rank, world, start, steps):
-    """Per-step exactness (as in `exactness`) from a loaded state: the oracle starts from the
-    same full state."""
-    ref_params = [[torch.empty(p.shape) for p in g["params"]] for g in opt.param_groups]
-    ref = ReferenceOptimizer(opt.param_groups, ref_params)
-    for sts, g in zip(ref.state, opt.param_groups):
-        for st, p in zip(sts, g["params"]):
-            for k, v in opt.state[p].items():
-                st[k] = int(v.item()) if k == "step" else _full(v)
-    worst, flips, numel = 0.0, 0, 0
+    """Per-step exactness from a loaded state: the oracle starts from the same full state."""
+    oracle = Oracle(opt, seed_state=True)
     for step in range(start, start + steps):
         model(local_batch(step, rank, world, CKPT_BATCH)).backward()
-        for rg, g in zip(ref_params, opt.param_groups):
-            for rp, p in zip(rg, g["params"]):
-                rp.copy_(p.full_tensor())
-        ref.step([[p.grad.full_tensor() for p in g["params"]] for g in opt.param_groups])
-        opt.step()
+        oracle.step()
         opt.zero_grad()
-        for rg, g in zip(ref_params, opt.param_groups):
-            flip = 2 * g["lr"] if g["rule"] in SIGN_RULES else None
-            for rp, p in zip(rg, g["params"]):
-                d = compare(p.full_tensor(), rp, 1e-6, flip)
-                worst, flips, numel = max(worst, d.rel), flips + d.flips, numel + d.numel
-    return worst, flips, numel
+    return oracle.result
 
 
 def checkpoint_resume(rank, world, recipe, path, done, total):
