@@ -119,7 +119,7 @@ def exactness(rank, world, stage, recipes, steps, extra):
                 engine.step()
         out[recipe] = dict(rel=chk.worst, flips=chk.flips, numel=chk.numel, calls=chk.calls,
                            straddle=straddles_mid_row(basic), wrapper=type(opt).__name__,
-                           comm=basic.comm_stats())
+                           comm=basic.comm_stats(), state=basic.state_bytes())
     return out
 
 

@@ -139,10 +139,18 @@ class RoutedOptimizer(torch.optim.Optimizer):
             # Names of the original parameters no longer match the partitions in 'params'.
             group.pop("param_names", None)
         self.state.clear()
-        for e in layout.entries.values():
-            self.state[e.flat] = layout.new_state(e.flat, get_rule(
-                self.param_groups[e.group_index]["rule"]))
+        for flat, rule in self._entries():
+            self.state[flat] = layout.new_state(flat, rule)
         self._defer_state = False
+
+    def _entries(self):
+        """(entry, rule) for every entry holding state. Under ZeRO-3 DeepSpeed empties
+        param_groups between steps, so a partitioned layout lists its own entries."""
+        entries = getattr(self.layout, "entries", None)
+        if entries is not None:
+            return [(e.flat, get_rule(self.param_groups[e.group_index]["rule"]))
+                    for e in entries.values()]
+        return [(p, get_rule(g["rule"])) for g in self.param_groups for p in g["params"]]
 
     def materialize_state(self) -> None:
         """Create deferred state for the tensors now in param_groups."""
@@ -163,14 +171,12 @@ class RoutedOptimizer(torch.optim.Optimizer):
         'replicated': state every rank holds in full (SAGE's per-column S, step counts).
         """
         out = {"elementwise": 0, "replicated": 0}
-        for group in self.param_groups:
-            rule = get_rule(group["rule"])
-            for p in group["params"]:
-                elementwise = self.layout.elementwise_keys(p, rule)
-                for key, t in self.state[p].items():
-                    kind = "elementwise" if key in elementwise else "replicated"
-                    local = self.layout.local_flat(t) if kind == "elementwise" else t
-                    out[kind] += local.numel() * local.element_size()
+        for p, rule in self._entries():
+            elementwise = self.layout.elementwise_keys(p, rule)
+            for key, t in self.state[p].items():
+                kind = "elementwise" if key in elementwise else "replicated"
+                local = self.layout.local_flat(t) if kind == "elementwise" else t
+                out[kind] += local.numel() * local.element_size()
         out["total"] = out["elementwise"] + out["replicated"]
         return out
 

@@ -1,0 +1,283 @@
+"""The training configuration: one typed dataclass, read from YAML, then `--key value` overrides.
+
+    python -m sage_dist.train --config configs/train/tiny_zero2.yaml --steps 50 --lr 1e-3
+
+Every key is validated before any work is done (and before any process group exists): an
+unknown key, a value of the wrong type or out of range fails with `ConfigError` naming the key,
+the value and what is allowed. Checks that need the world size (the global batch must split
+evenly into micro-batches) take it from the launcher's WORLD_SIZE.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENGINES = ("deepspeed", "fsdp2", "ddp", "single")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the entry point prints it and exits with status 2."""
+
+
+@dataclass
+class TrainConfig:
+    # model and optimizer
+    model: str = "configs/models/llama_tiny.json"  # a Hugging Face LlamaConfig JSON
+    recipe: str = "sage-hybrid"  # sage_dist.build_optimizer recipe
+    lr: float | None = None  # peak learning rate; None: the recipe's default
+    weight_decay: float | None = None  # None: the recipe's default
+    engine: str = "single"  # deepspeed | fsdp2 | ddp | single
+    deepspeed_config: str | None = None  # DeepSpeed JSON (engine=deepspeed), naming our recipe
+    bf16: bool = False  # bf16 mixed precision (fp32 master weights and optimizer state)
+    seed: int = 0
+    # data
+    data: str = "embedded"  # "embedded" (stdlib docstrings), a text/JSONL file or directory,
+    #                          or a Hugging Face dataset saved with save_to_disk
+    text_key: str = "text"  # the field holding the text in JSONL / HF datasets
+    tokenizer: str | None = None  # a Hugging Face tokenizer directory; None: train a BPE
+    vocab_size: int | None = None  # BPE vocabulary to train; None: the model's vocab_size
+    seq_len: int = 128
+    global_batch: int = 16  # sequences per optimizer step, over all ranks and micro-steps
+    grad_accum: int = 1  # micro-steps per optimizer step
+    # schedule
+    steps: int = 400
+    warmup_steps: int | None = None  # None: 10 % of steps
+    min_lr_ratio: float = 0.1  # cosine ends at this fraction of the peak
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # evaluation, logging, checkpoints
+    eval_every: int = 50
+    eval_batches: int = 4  # validation batches of global_batch sequences each
+    log_every: int = 10
+    out_dir: str = "runs/tiny"
+    checkpoint_every: int = 0  # save every N steps; 0: never
+    keep_checkpoints: int = 2
+    resume: str = "none"  # none | auto | a checkpoint directory
+    progress: bool = True  # tqdm progress bar on rank 0
+    plot: bool = True  # loss curves PNG at the end
+    threads: int | None = None  # torch intra-op threads per rank
+    device: str = "auto"  # auto | cpu | cuda
+    # testing hook: SIGKILL this process at the start of this step on rank `kill_rank`
+    kill_at_step: int | None = None
+    kill_rank: int = 0
+
+    # -- derived ---------------------------------------------------------------------------
+    def micro_batch(self, world: int) -> int:
+        return self.global_batch // (world * self.grad_accum)
+
+    def resolve(self, path: str | None) -> Path | None:
+        """Relative paths resolve against the working directory, else the repository root."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        if p.is_absolute() or p.exists():
+            return p
+        q = REPO_ROOT / p
+        return q if q.exists() else p
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _allowed_keys() -> str:
+    return ", ".join(FIELDS)
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}; allowed keys: "
+                       f"{_allowed_keys()}")
+
+
+def _coerce(key: str, value, where: str):
+    """Convert a YAML value or a command-line string to the field's type."""
+    tp = typing.get_type_hints(TrainConfig)[key]
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), tp) if args else tp
+    if isinstance(value, str) and optional and value.lower() in ("none", "null", ""):
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}=None in {where}: a {base.__name__} is required")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key}={value!r} in {where}: expected {base.__name__}"
+                      f"{' or none' if optional else ''}")
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of keys to values")
+    return data
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """`--config PATH` and `--key value` / `--key=value` pairs (dashes and underscores alike)."""
+    config, pairs, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: use --key value (allowed keys: "
+                              f"{_allowed_keys()})")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key}: missing value")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if key == "config":
+            config = value
+        elif key == "local_rank":  # launchers that pass it; LOCAL_RANK is read from the env
+            continue
+        else:
+            pairs.append((key, value))
+    return config, pairs
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """YAML (if --config) then the overrides, coerced and validated (world-size-free checks)."""
+    config_path, pairs = parse_overrides(argv)
+    values = {}
+    if config_path is not None:
+        for key, value in load_yaml(config_path).items():
+            if key not in FIELDS:
+                raise _unknown(str(key), config_path)
+            values[key] = _coerce(key, value, config_path)
+    for key, value in pairs:
+        if key not in FIELDS:
+            raise _unknown(key, "the command line")
+        values[key] = _coerce(key, value, "the command line")
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def _need(cond: bool, key: str, value, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    for key in ("steps", "global_batch", "grad_accum", "eval_every", "eval_batches", "log_every",
+                "keep_checkpoints"):
+        _need(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1")
+    _need(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every,
+          "must be >= 0 (0: no checkpoints)")
+    _need(cfg.seq_len >= 2, "seq_len", cfg.seq_len, "must be >= 2")
+    _need(cfg.engine in ENGINES, "engine", cfg.engine, f"allowed: {', '.join(ENGINES)}")
+    _need(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "allowed: auto, cpu, cuda")
+    if cfg.lr is not None:
+        _need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a positive number")
+    if cfg.weight_decay is not None:
+        _need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay",
+              cfg.weight_decay, "must be >= 0")
+    if cfg.warmup_steps is not None:
+        _need(0 <= cfg.warmup_steps <= cfg.steps, "warmup_steps", cfg.warmup_steps,
+              f"must be in [0, steps={cfg.steps}]")
+    _need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
+    _need(cfg.grad_clip >= 0, "grad_clip", cfg.grad_clip, "must be >= 0 (0: no clipping)")
+    if cfg.threads is not None:
+        _need(cfg.threads >= 1, "threads", cfg.threads, "must be >= 1")
+    if cfg.vocab_size is not None:
+        _need(cfg.vocab_size >= 258, "vocab_size", cfg.vocab_size,
+              "must be >= 258 (byte-level BPE: 256 bytes + 2 special tokens)")
+    if cfg.engine == "deepspeed":
+        _need(cfg.deepspeed_config is not None, "deepspeed_config", None,
+              "engine=deepspeed needs a DeepSpeed JSON (e.g. configs/deepspeed/zero2.json)")
+    if cfg.resume not in ("none", "auto"):
+        _need(Path(cfg.resume).is_dir(), "resume", cfg.resume,
+              "allowed: none, auto, or an existing checkpoint directory")
+    model = cfg.resolve(cfg.model)
+    _need(model.is_file(), "model", cfg.model, "file not found (a LlamaConfig JSON)")
+    if cfg.data != "embedded":
+        _need(cfg.resolve(cfg.data).exists(), "data", cfg.data,
+              "path not found (allowed: 'embedded', a .txt/.jsonl file or directory of them, "
+              "or a Hugging Face dataset saved on disk)")
+    if cfg.tokenizer is not None:
+        _need(cfg.resolve(cfg.tokenizer).is_dir(), "tokenizer", cfg.tokenizer,
+              "directory not found (a Hugging Face tokenizer directory)")
+    if cfg.deepspeed_config is not None:
+        _need(cfg.resolve(cfg.deepspeed_config).is_file(), "deepspeed_config",
+              cfg.deepspeed_config, "file not found")
+
+
+def world_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_world(cfg: TrainConfig, world: int) -> None:
+    """The checks that need the world size; run before any process group is created."""
+    if cfg.engine == "single" and world != 1:
+        raise ConfigError(f"engine='single' with WORLD_SIZE={world}: allowed is 1 process; "
+                          f"use ddp, fsdp2 or deepspeed to train on {world}")
+    per_step = world * cfg.grad_accum
+    if cfg.global_batch % per_step:
+        raise ConfigError(
+            f"global_batch={cfg.global_batch} is not divisible by world size {world} x "
+            f"grad_accum {cfg.grad_accum} = {per_step}: every rank needs the same micro-batch; "
+            f"allowed are multiples of {per_step}")
+
+
+def model_config(cfg: TrainConfig):
+    from transformers import LlamaConfig
+
+    path = cfg.resolve(cfg.model)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model={cfg.model!r} is not valid JSON ({e})") from None
+    if data.get("model_type") != "llama":
+        raise ConfigError(f"model={cfg.model!r} has model_type={data.get('model_type')!r}; "
+                          f"allowed: 'llama'")
+    mc = LlamaConfig.from_dict(data)
+    if cfg.seq_len > mc.max_position_embeddings:
+        raise ConfigError(f"seq_len={cfg.seq_len}: must be <= the model's "
+                          f"max_position_embeddings {mc.max_position_embeddings}")
+    if cfg.vocab_size is not None and cfg.vocab_size > mc.vocab_size:
+        raise ConfigError(f"vocab_size={cfg.vocab_size}: the tokenizer vocabulary is larger "
+                          f"than the model's vocab_size {mc.vocab_size} ({cfg.model})")
+    return mc
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
