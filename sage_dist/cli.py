@@ -16,6 +16,99 @@ def _load_model(path: str):
         return LlamaForCausalLM(cfg)
 
 
+def _memory_parser(sub, recipes) -> None:
+    m = sub.add_parser(
+        "memory", help="per-rank memory (parameters, gradients, master weights, optimizer "
+        "state) of a model config under an engine, from its shapes",
+        description="Per-rank bytes of parameters, gradients, fp32 master weights and "
+        "optimizer state, estimated from the model config's shapes with DeepSpeed's and "
+        "FSDP2's partitioning modelled exactly (docs/MEMORY.md), beside AdamW under the same "
+        "setup and DeepSpeed's own AdamW estimate.")
+    m.add_argument("--model", help="a LlamaConfig JSON, e.g. configs/models/llama_7b.json "
+                   "(required except with --fit)")
+    m.add_argument("--world", type=int, required=True, help="data-parallel world size")
+    m.add_argument("--engine", default="deepspeed", choices=["deepspeed", "fsdp2", "ddp"])
+    m.add_argument("--zero", type=int, default=2, choices=[1, 2, 3],
+                   help="DeepSpeed ZeRO stage (with --engine deepspeed)")
+    m.add_argument("--recipe", default=None,
+                   help=f"a recipe or a comma-separated list ({', '.join(recipes)}); default "
+                   f"sage-hybrid, or every recipe with --fit and --plot")
+    m.add_argument("--bf16", action="store_true", help="DeepSpeed bf16: 16-bit parameters and "
+                   "gradients, fp32 master weights (FSDP2 via shard_llama keeps fp32 shards)")
+    m.add_argument("--offload", action="store_true",
+                   help="DeepSpeed offload_optimizer to CPU (master, state, fp32 gradients)")
+    m.add_argument("--head", default="sage", choices=["sage", "auto", "sinkhorn"],
+                   help="routing of an untied output head under sage-hybrid")
+    m.add_argument("--rank", type=int, default=None,
+                   help="the rank to report (default: the most loaded one)")
+    m.add_argument("--gpus-per-node", type=int, default=8,
+                   help="for DeepSpeed's own estimate (its CPU figures depend on it)")
+    m.add_argument("--fit", type=float, metavar="GIB", default=None,
+                   help="name, for each recipe, the largest model config in --configs whose "
+                   "per-rank memory on the GPU fits GIB GiB")
+    m.add_argument("--configs", default=None,
+                   help="directory of model configs for --fit (default: configs/models)")
+    m.add_argument("--plot", metavar="PNG", default=None,
+                   help="write a PNG of per-rank memory by component, one bar per recipe")
+    m.add_argument("--format", default="text", choices=["text", "json", "row"],
+                   help="'row': one markdown table row (as in docs/MEMORY.md)")
+    m.add_argument("--unit", default="GiB", choices=["GiB", "MiB"])
+
+
+def _quiet_deepspeed_import() -> None:
+    """Import DeepSpeed with its import-time log lines (it logs to stdout) sent to stderr, so
+    that this command's stdout holds only its tables."""
+    import contextlib
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:      # the estimator does not need it; DeepSpeed's own figure does
+            pass
+
+
+def _memory(args, ap) -> int:
+    from . import memory
+    from .optim.recipes import RECIPES, get_recipe
+
+    try:
+        recipes = ([get_recipe(r).name for r in args.recipe.split(",") if r.strip()]
+                   if args.recipe else None)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.world < 1:
+        ap.error(f"--world {args.world}: allowed is an integer >= 1")
+    if args.offload and args.engine != "deepspeed":
+        ap.error("--offload models DeepSpeed's offload_optimizer: use --engine deepspeed")
+    if args.fit is None and not args.model:
+        ap.error("--model is required (except with --fit)")
+    if args.rank is not None and not 0 <= args.rank < args.world:
+        ap.error(f"--rank {args.rank}: allowed is 0..{args.world - 1}")
+    setup = dict(world=args.world, engine=args.engine, zero=args.zero, bf16=args.bf16,
+                 offload=args.offload)
+    _quiet_deepspeed_import()
+    label = memory.setup_label(args.world, args.engine, args.zero, args.bf16, args.offload)
+    if args.fit is not None:
+        res = memory.fit(args.fit, recipes=recipes or list(RECIPES), configs_dir=args.configs,
+                         head=args.head, **setup)
+        print(memory.to_json(res) if args.format == "json" else
+              memory.format_fit(res, args.fit, label))
+    if args.model:
+        if args.plot:
+            out = memory.plot(args.plot, args.model, recipes=recipes or list(RECIPES),
+                              head=args.head, **setup)
+            print(f"wrote {out}")
+        if args.fit is None or args.format != "json":
+            rep = memory.report(args.model, recipes=recipes or ["sage-hybrid"], head=args.head,
+                                rank=args.rank, gpus_per_node=args.gpus_per_node, **setup)
+            if args.format == "json":
+                print(memory.to_json(rep))
+            elif args.format == "row":
+                print(memory.format_row(rep, args.unit))
+            else:
+                print(memory.format_report(rep, args.unit))
+    return 0
+
+
 def main(argv=None) -> int:
     from .optim.recipes import RECIPES, describe
 
@@ -26,9 +119,12 @@ def main(argv=None) -> int:
                    "configs/models/llama_tiny.json")
     d.add_argument("--recipe", default="sage-hybrid", choices=list(RECIPES))
     d.add_argument("--head", default="sage", choices=["sage", "auto", "sinkhorn"])
+    _memory_parser(sub, list(RECIPES))
     args = ap.parse_args(argv)
     if args.cmd == "describe":
         print(describe(_load_model(args.model), args.recipe, head=args.head))
+    elif args.cmd == "memory":
+        return _memory(args, ap)
     return 0
 
 

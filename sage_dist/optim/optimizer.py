@@ -139,11 +139,11 @@ class RoutedOptimizer(torch.optim.Optimizer):
             # Names of the original parameters no longer match the partitions in 'params'.
             group.pop("param_names", None)
         self.state.clear()
-        for flat, rule in self._entries():
+        for flat, rule in self.state_entries():
             self.state[flat] = layout.new_state(flat, rule)
         self._defer_state = False
 
-    def _entries(self):
+    def state_entries(self):
         """(entry, rule) for every entry holding state. Under ZeRO-3 DeepSpeed empties
         param_groups between steps, so a partitioned layout lists its own entries."""
         entries = getattr(self.layout, "entries", None)
@@ -171,7 +171,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
         'replicated': state every rank holds in full (SAGE's per-column S, step counts).
         """
         out = {"elementwise": 0, "replicated": 0}
-        for p, rule in self._entries():
+        for p, rule in self.state_entries():
             elementwise = self.layout.elementwise_keys(p, rule)
             for key, t in self.state[p].items():
                 kind = "elementwise" if key in elementwise else "replicated"
