@@ -18,6 +18,30 @@ TORCH_LIBRARY(sage_dist, m) {
   m.def(
       "lion_update_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor grad, float lr, "
       "float beta1, float beta2, float weight_decay) -> ()");
+
+  // Fragment ops. A fragment is elements [start, start + numel) of the row-major flat index
+  // of a global [R, C] matrix (it may start and end mid-row); statistics are partial sums
+  // over the elements held, which a sharded run completes with one all-reduce per phase.
+
+  // SAGE (spec §1): partial column sums of |grad|, fp32, length C.
+  m.def("colsum_abs(Tensor grad, int C, int start) -> Tensor");
+
+  // Sinkhorn / SinkGD / SCALE (spec §2-4): partial sums of (grad[i,j] r[i] c[j])^2 along
+  // dim 1 (one per row, length R) or dim 0 (one per column, length C); r, c fp32 or None (1).
+  m.def(
+      "sq_sums(Tensor grad, Tensor? r, Tensor? c, int R, int C, int start, int dim) -> Tensor");
+
+  // SAGE (spec §1): weight decay, momentum, sign and damped update in one pass;
+  // h is the per-column damper H (length C, fp32).
+  m.def(
+      "sage_update_(Tensor(a!) param, Tensor(b!) m, Tensor grad, Tensor h, int C, int start, "
+      "float lr, float beta1, float beta2, float weight_decay, bool momentum_first) -> ()");
+
+  // Sinkhorn / SinkGD / SCALE: param <- param (1 - lr wd) - step (grad r c), with the row
+  // scale r (indexed by global row) and column scale c optional.
+  m.def(
+      "scaled_update_(Tensor(a!) param, Tensor grad, Tensor? r, Tensor? c, int C, int start, "
+      "float lr, float weight_decay, float step) -> ()");
 }
 
 // `import sage_dist._C` only needs to load this library (which runs the static

@@ -14,9 +14,13 @@ hyperparameters rounded once from Python floats), so on CPU the two agree bitwis
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 
 import torch
+
+from .shard.span import Span
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the schemas and kernels)
@@ -41,6 +45,29 @@ def _kernel_devices(qualname: str) -> frozenset[str]:
 
 # Computed once at import: a constant set is also what torch.compile can trace through.
 _LION_DEVICES = _kernel_devices("sage_dist::lion_update_")
+FRAGMENT_OPS = ("colsum_abs", "sq_sums", "sage_update_", "scaled_update_")
+_FRAGMENT_DEVICES = {op: _kernel_devices(f"sage_dist::{op}") for op in FRAGMENT_OPS}
+
+# The rules call the fused ops unless this is off (SAGE_DIST_FUSED=0 in the environment, or
+# `with ops.fused(False):`), in which case they run their original pure-PyTorch code: the
+# "reference" the benchmark compares against.
+_FUSED = os.environ.get("SAGE_DIST_FUSED", "1") != "0"
+
+
+def fused_enabled() -> bool:
+    """Whether the optimizer rules use the fused ops (default True)."""
+    return _FUSED
+
+
+@contextlib.contextmanager
+def fused(enabled: bool):
+    """Temporarily switch the rules between the fused ops and their pure-PyTorch code."""
+    global _FUSED
+    old, _FUSED = _FUSED, bool(enabled)
+    try:
+        yield
+    finally:
+        _FUSED = old
 
 
 def has_cuda_kernels() -> bool:
@@ -132,6 +159,206 @@ def lion_update_(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------
+# Fragment ops. A fragment is elements [start, start + numel) of the row-major flat index of a
+# global [R, C] matrix (it may start and end mid-row); element k is at row (start + k) // C,
+# column (start + k) % C. Statistics are partial sums over the elements held.
+# --------------------------------------------------------------------------------------
+def _check_fragment_tensor(op, name, t, ref=None):
+    _check_storage_dtype(op, name, t)
+    if ref is not None and t.device != ref.device:
+        raise RuntimeError(f"{op}: {name} is on {t.device} but param is on {ref.device}; "
+                           "all tensors must be on one device")
+    if not t.is_contiguous():
+        raise RuntimeError(f"{op}: {name} must be contiguous (got sizes {list(t.shape)}, "
+                           f"strides {list(t.stride())})")
+
+
+def _check_geometry(op, C, start):
+    if C < 1:
+        raise RuntimeError(f"{op}: C={C} is invalid; allowed: C >= 1")
+    if start < 0:
+        raise RuntimeError(f"{op}: start={start} is invalid; allowed: start >= 0")
+
+
+def _check_vector(op, name, v, ref, length):
+    if v.dtype != torch.float32:
+        raise RuntimeError(f"{op}: {name} (optimizer state) has dtype {v.dtype}; allowed: Float")
+    if v.device != ref.device:
+        raise RuntimeError(f"{op}: {name} is on {v.device} but grad is on {ref.device}; "
+                           "all tensors must be on one device")
+    if not v.is_contiguous():
+        raise RuntimeError(f"{op}: {name} must be contiguous (got sizes {list(v.shape)}, "
+                           f"strides {list(v.stride())})")
+    if v.dim() != 1:
+        raise RuntimeError(f"{op}: {name} must be 1-D (got sizes {list(v.shape)})")
+    if length is not None and v.numel() != length:
+        raise RuntimeError(f"{op}: {name} has {v.numel()} entries; it must have {length}")
+
+
+def _check_colsum_abs_args(grad, C, start):
+    op = "sage_dist::colsum_abs"
+    _check_fragment_tensor(op, "grad", grad)
+    _check_geometry(op, C, start)
+
+
+def _check_sq_sums_args(grad, r, c, R, C, start, dim):
+    op = "sage_dist::sq_sums"
+    _check_fragment_tensor(op, "grad", grad)
+    _check_geometry(op, C, start)
+    if R < 1:
+        raise RuntimeError(f"{op}: R={R} is invalid; allowed: R >= 1")
+    if dim not in (0, 1):
+        raise RuntimeError(f"{op}: dim={dim} is invalid; allowed: 0, 1")
+    if start + grad.numel() > R * C:
+        raise RuntimeError(f"{op}: the fragment [{start}, {start + grad.numel()}) is outside "
+                           f"a [{R}, {C}] matrix")
+    if r is not None:
+        _check_vector(op, "r", r, grad, R)
+    if c is not None:
+        _check_vector(op, "c", c, grad, C)
+
+
+def _check_same_numel(op, name, t, param):
+    if t.numel() != param.numel():
+        raise RuntimeError(
+            f"{op}: {name} has {t.numel()} elements (sizes {list(t.shape)}) but param has "
+            f"{param.numel()} (sizes {list(param.shape)}); they must have the same number "
+            "of elements")
+
+
+def _check_sage_update_args(param, m, grad, h, C, start):
+    op = "sage_dist::sage_update_"
+    _check_fragment_tensor(op, "param", param)
+    _check_fragment_tensor(op, "grad", grad, param)
+    if m.dtype != torch.float32:
+        raise RuntimeError(f"{op}: m (optimizer state) has dtype {m.dtype}; allowed: Float")
+    if m.device != param.device:
+        raise RuntimeError(f"{op}: m is on {m.device} but param is on {param.device}; "
+                           "all tensors must be on one device")
+    if not m.is_contiguous():
+        raise RuntimeError(f"{op}: m must be contiguous (got sizes {list(m.shape)}, "
+                           f"strides {list(m.stride())})")
+    _check_same_numel(op, "m", m, param)
+    _check_same_numel(op, "grad", grad, param)
+    _check_geometry(op, C, start)
+    _check_vector(op, "h", h, param, C)
+
+
+def _check_scaled_update_args(param, grad, r, c, C, start):
+    op = "sage_dist::scaled_update_"
+    _check_fragment_tensor(op, "param", param)
+    _check_fragment_tensor(op, "grad", grad, param)
+    _check_same_numel(op, "grad", grad, param)
+    _check_geometry(op, C, start)
+    if r is not None:
+        _check_vector(op, "r", r, param, None)
+        if param.numel() and r.numel() <= (start + param.numel() - 1) // C:
+            raise RuntimeError(f"{op}: r has {r.numel()} entries but the fragment reaches row "
+                               f"{(start + param.numel() - 1) // C}")
+    if c is not None:
+        _check_vector(op, "c", c, param, C)
+
+
+def _span(n, C, start, R=None):
+    """The Span of a fragment; R defaults to the rows it reaches."""
+    if R is None:
+        R = max(1, -(-(start + n) // C))
+    return Span(R, C, start, start + n)
+
+
+@torch.no_grad()
+def colsum_abs_reference(grad, C, start):
+    _check_colsum_abs_args(grad, C, start)
+    return _span(grad.numel(), C, start).col_sum(grad.reshape(-1).float().abs())
+
+
+@torch.no_grad()
+def sq_sums_reference(grad, r, c, R, C, start, dim):
+    _check_sq_sums_args(grad, r, c, R, C, start, dim)
+    span = _span(grad.numel(), C, start, R)
+    x = span.scale(grad.reshape(-1).float(), row=r, col=c)
+    x = x * x
+    return span.col_sum(x) if dim == 0 else span.row_sum(x)
+
+
+@torch.no_grad()
+def sage_update_reference(param, m, grad, h, C, start, lr, beta1, beta2, weight_decay,
+                          momentum_first):
+    """SAGE's elementwise step (spec §1) given the per-column damper h."""
+    _check_sage_update_args(param, m, grad, h, C, start)
+    g = grad.reshape(-1).float()
+    mf = m.view(-1)
+    H = _span(g.numel(), C, start).expand_col(h)
+    if momentum_first:
+        mf.copy_(mf * beta2 + g * (1.0 - beta2))
+        u = torch.sign(mf * beta1 + g * (1.0 - beta1))
+    else:
+        u = torch.sign(mf * beta1 + g * (1.0 - beta1))
+        mf.copy_(mf * beta2 + g * (1.0 - beta2))
+    p = param.reshape(-1).float() * (1.0 - lr * weight_decay)
+    p = p - lr * (u * H)
+    param.copy_(p.view_as(param))
+
+
+@torch.no_grad()
+def scaled_update_reference(param, grad, r, c, C, start, lr, weight_decay, step):
+    """param <- param (1 - lr wd) - step (grad r c) over the fragment."""
+    _check_scaled_update_args(param, grad, r, c, C, start)
+    span = _span(param.numel(), C, start)
+    x = span.scale(grad.reshape(-1).float(), row=r, col=c)
+    p = param.reshape(-1).float() * (1.0 - lr * weight_decay)
+    p = p - step * x
+    param.copy_(p.view_as(param))
+
+
+def _use_kernel(op: str, t: torch.Tensor) -> bool:
+    if t.device.type in _FRAGMENT_DEVICES[op]:
+        return True
+    _warn_fallback_once(op, t.device.type)
+    return False
+
+
+def colsum_abs(grad: torch.Tensor, C: int, start: int) -> torch.Tensor:
+    """Partial column sums of |grad| over a fragment: fp32, length C (SAGE's statistic)."""
+    if _use_kernel("colsum_abs", grad):
+        return torch.ops.sage_dist.colsum_abs(grad, int(C), int(start))
+    return colsum_abs_reference(grad, int(C), int(start))
+
+
+def sq_sums(grad: torch.Tensor, r: torch.Tensor | None, c: torch.Tensor | None, R: int, C: int,
+            start: int, dim: int) -> torch.Tensor:
+    """Partial sums of (grad[i,j] r[i] c[j])^2 over a fragment: per row (dim=1, length R) or
+    per column (dim=0, length C). r, c: fp32 scale vectors, or None for 1."""
+    args = (grad, r, c, int(R), int(C), int(start), int(dim))
+    if _use_kernel("sq_sums", grad):
+        return torch.ops.sage_dist.sq_sums(*args)
+    return sq_sums_reference(*args)
+
+
+def sage_update_(param, m, grad, h, C: int, start: int, lr: float, beta1: float, beta2: float,
+                 weight_decay: float, momentum_first: bool) -> None:
+    """SAGE's step in one pass, in place on param (fp32 or bf16) and m (fp32)."""
+    args = (param, m, grad, h, int(C), int(start), float(lr), float(beta1), float(beta2),
+            float(weight_decay), bool(momentum_first))
+    if _use_kernel("sage_update_", param):
+        with torch.no_grad():
+            torch.ops.sage_dist.sage_update_(*args)
+    else:
+        sage_update_reference(*args)
+
+
+def scaled_update_(param, grad, r, c, C: int, start: int, lr: float, weight_decay: float,
+                   step: float) -> None:
+    """param <- param (1 - lr wd) - step (grad r c) over a fragment, in place."""
+    args = (param, grad, r, c, int(C), int(start), float(lr), float(weight_decay), float(step))
+    if _use_kernel("scaled_update_", param):
+        with torch.no_grad():
+            torch.ops.sage_dist.scaled_update_(*args)
+    else:
+        scaled_update_reference(*args)
+
+
+# --------------------------------------------------------------------------------------
 # Fake kernels: checks only (the ops return nothing; they mutate their inputs in place).
 # --------------------------------------------------------------------------------------
 if HAS_EXTENSION:
@@ -139,4 +366,25 @@ if HAS_EXTENSION:
     @torch.library.register_fake("sage_dist::lion_update_")
     def _lion_update_fake(param, exp_avg, grad, lr, beta1, beta2, weight_decay):
         _check_lion_args(param, exp_avg, grad)
+        return None
+
+    @torch.library.register_fake("sage_dist::colsum_abs")
+    def _colsum_abs_fake(grad, C, start):
+        _check_colsum_abs_args(grad, C, start)
+        return grad.new_empty((C,), dtype=torch.float32)
+
+    @torch.library.register_fake("sage_dist::sq_sums")
+    def _sq_sums_fake(grad, r, c, R, C, start, dim):
+        _check_sq_sums_args(grad, r, c, R, C, start, dim)
+        return grad.new_empty((C if dim == 0 else R,), dtype=torch.float32)
+
+    @torch.library.register_fake("sage_dist::sage_update_")
+    def _sage_update_fake(param, m, grad, h, C, start, lr, beta1, beta2, weight_decay,
+                          momentum_first):
+        _check_sage_update_args(param, m, grad, h, C, start)
+        return None
+
+    @torch.library.register_fake("sage_dist::scaled_update_")
+    def _scaled_update_fake(param, grad, r, c, C, start, lr, weight_decay, step):
+        _check_scaled_update_args(param, grad, r, c, C, start)
         return None

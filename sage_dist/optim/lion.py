@@ -16,4 +16,5 @@ class LionRule(Rule):
     def run(self, f, p, g, st, group):
         yield []
         beta1, beta2 = group["betas"]
-        ops.lion_update_(p, st["m"], g, group["lr"], beta1, beta2, group["weight_decay"])
+        update = ops.lion_update_ if ops.fused_enabled() else ops.lion_update_reference
+        update(p, st["m"], g, group["lr"], beta1, beta2, group["weight_decay"])

@@ -185,8 +185,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
         # Phase 0 carries one finiteness flag per parameter beside the rules' first statistics.
         requests = []
         for f, p, gen, g in runs:
-            bad = (~torch.isfinite(g)).any().float().reshape(1)
-            requests.append([("scalar", bad)] + next(gen))
+            requests.append([("scalar", _nonfinite_flag(g))] + next(gen))
         first = True
         while runs:
             answers = self._reduce(runs, requests, reducer)
@@ -225,3 +224,12 @@ class RoutedOptimizer(torch.optim.Optimizer):
         summed = iter(reducer.all_reduce(send))
         return [[t if f.is_local(kind) else next(summed) for kind, t in req]
                 for (f, *_), req in zip(runs, requests)]
+
+
+def _nonfinite_flag(g: torch.Tensor) -> torch.Tensor:
+    """[1.0] if g holds a NaN or an Inf, else [0.0], in one pass: min and max propagate NaN,
+    and an Inf is itself the min or the max (no full-size boolean temporaries)."""
+    if g.numel() == 0:
+        return torch.zeros(1, dtype=torch.float32, device=g.device)
+    lo, hi = torch.aminmax(g)
+    return (~torch.isfinite(torch.stack([lo, hi]))).any().float().reshape(1)

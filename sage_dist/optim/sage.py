@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from .base import (Rule, StateSpec, check_betas, check_bool, check_lr, check_nonneg,
                    check_positive)
 
@@ -37,18 +38,22 @@ class SAGERule(Rule):
     def run(self, f, p, g, st, group):
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
+        fused = ops.fused_enabled()  # one pass for |g| sums, one for the update (sage_dist._C)
         t = self.next_step(st)
         bc = 1 - beta2 ** t
-        absg = g.abs()
         if f.is_matrix:
-            (col_abs,) = yield [("col", f.span.col_sum(absg))]
+            col_abs = (ops.colsum_abs(g, f.cols, f.span.start) if fused
+                       else f.span.col_sum(g.abs()))
+            (col_abs,) = yield [("col", col_abs)]
             s = col_abs / f.rows                      # global row count, zero rows included
             S = st["S"].mul_(beta2).add_(s, alpha=1 - beta2)
             S_hat = S / bc
             sigma = S_hat.square().mean().sqrt()
             gamma = s.square().mean().sqrt()
-            H = f.span.expand_col(sage_damper(S_hat, s, sigma, gamma, eps))
+            H = sage_damper(S_hat, s, sigma, gamma, eps)       # per column, length C
+            C, start = f.cols, f.span.start
         else:
+            absg = g.abs()
             S_new = st["S"] * beta2 + absg * (1 - beta2)
             S_hat = S_new / bc
             sq_hat, sq_s = yield [("row", S_hat.square().sum().reshape(1)),
@@ -56,7 +61,15 @@ class SAGERule(Rule):
             st["S"].copy_(S_new)
             n = f.cols
             H = sage_damper(S_hat, absg, (sq_hat / n).sqrt(), (sq_s / n).sqrt(), eps)
+            C, start = max(1, H.numel()), 0                # elementwise: H indexed like g
         self.commit_step(st)
+        if fused:
+            if g.numel():
+                ops.sage_update_(p, st["m"], g, H, C, start, lr, beta1, beta2, wd,
+                                 group["momentum_first"])
+            return
+        if f.is_matrix:
+            H = f.span.expand_col(H)
         p.mul_(1 - lr * wd)
         u = sign_direction(st["m"], g, beta1, beta2, group["momentum_first"])
         p.addcmul_(u, H, value=-lr)

@@ -5,6 +5,7 @@ head per vocabulary row of its momentum; 1-D parameters take SCALE's own AdamW v
 """
 from __future__ import annotations
 
+from .. import ops
 from .base import (Rule, StateSpec, check_betas, check_lr, check_nonneg, check_positive,
                    check_unit)
 
@@ -14,6 +15,23 @@ def _inv_rms(sq_sum, count: int, floor: float):
     return (sq_sum / count).sqrt().clamp_(min=floor).reciprocal_()
 
 
+def _sq_sums(f, x, dim: int, fused: bool):
+    """Partial sums of x^2 per row (dim=1) or per column (dim=0) over the fragment."""
+    if fused:
+        return ops.sq_sums(x, None, None, f.rows, f.cols, f.span.start, dim)
+    return f.span.row_sum(x * x) if dim == 1 else f.span.col_sum(x * x)
+
+
+def _scaled_step(f, p, x, group, row=None, col=None, fused=False):
+    """p <- p (1 - lr wd) - lr (x row col)."""
+    lr, wd = group["lr"], group["weight_decay"]
+    if fused:
+        ops.scaled_update_(p, x, row, col, f.cols, f.span.start, lr, wd, lr)
+        return
+    p.mul_(1 - lr * wd)
+    p.sub_(f.span.scale(x, row=row, col=col), alpha=lr)
+
+
 class ScaleDenseRule(Rule):
     name = "scale_dense"
     matrix_only = True
@@ -21,10 +39,10 @@ class ScaleDenseRule(Rule):
     checks = dict(lr=check_lr, weight_decay=check_nonneg, floor=check_positive)
 
     def run(self, f, p, g, st, group):
-        (rows,) = yield [("row", f.span.row_sum(g * g))]
+        fused = ops.fused_enabled()
+        (rows,) = yield [("row", _sq_sums(f, g, 1, fused))]
         scale = _inv_rms(rows, f.cols, group["floor"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.sub_(f.span.scale(g, row=scale), alpha=group["lr"])
+        _scaled_step(f, p, g, group, row=scale, fused=fused)
 
 
 class ScaleEmbeddingRule(Rule):
@@ -34,10 +52,10 @@ class ScaleEmbeddingRule(Rule):
     checks = dict(lr=check_lr, weight_decay=check_nonneg, floor=check_positive)
 
     def run(self, f, p, g, st, group):
-        (cols,) = yield [("col", f.span.col_sum(g * g))]
+        fused = ops.fused_enabled()
+        (cols,) = yield [("col", _sq_sums(f, g, 0, fused))]
         scale = _inv_rms(cols, f.rows, group["floor"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.sub_(f.span.scale(g, col=scale), alpha=group["lr"])
+        _scaled_step(f, p, g, group, col=scale, fused=fused)
 
 
 class ScaleHeadRule(Rule):
@@ -53,11 +71,11 @@ class ScaleHeadRule(Rule):
     def run(self, f, p, g, st, group):
         beta = group["momentum"]
         m_new = st["m"] * beta + g * (1 - beta)
-        (rows,) = yield [("row", f.span.row_sum(m_new * m_new))]
+        fused = ops.fused_enabled()
+        (rows,) = yield [("row", _sq_sums(f, m_new, 1, fused))]
         st["m"].copy_(m_new)
         scale = _inv_rms(rows, f.cols, group["floor"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.sub_(f.span.scale(m_new, row=scale), alpha=group["lr"])
+        _scaled_step(f, p, m_new, group, row=scale, fused=fused)
 
 
 class ScaleAdamWRule(Rule):

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .. import ops
 from .base import Rule, check_iters, check_lr, check_nonneg, check_positive
 
 
@@ -24,15 +25,23 @@ def _rescale(scale: torch.Tensor, sq_sum: torch.Tensor, target: float, eps: floa
     return torch.where(sq_sum > 0, scale * target / (norm + eps), scale)
 
 
-def sinkhorn_scales(f, g2: torch.Tensor, iters: int, eps: float, row_target: float,
-                    col_target: float):
-    """Generator: yields row then column statistics `iters` times, returns the scales (r, c)."""
-    r = torch.ones(f.rows, dtype=torch.float32, device=g2.device)
-    c = torch.ones(f.cols, dtype=torch.float32, device=g2.device)
+def sinkhorn_scales(f, g: torch.Tensor, iters: int, eps: float, row_target: float,
+                    col_target: float, fused: bool = False):
+    """Generator: yields row then column statistics `iters` times, returns the scales (r, c).
+
+    fused: each statistic is one pass of sage_dist::sq_sums over g (no temporaries)."""
+    R, C, start = f.rows, f.cols, f.span.start
+    r = torch.ones(R, dtype=torch.float32, device=g.device)
+    c = torch.ones(C, dtype=torch.float32, device=g.device)
+    g2 = None if fused else g * g
     for _ in range(iters):
-        (rows,) = yield [("row", f.span.row_sum(f.span.scale(g2, col=c * c)))]
+        rows = (ops.sq_sums(g, None, c, R, C, start, 1) if fused
+                else f.span.row_sum(f.span.scale(g2, col=c * c)))
+        (rows,) = yield [("row", rows)]
         r = _rescale(r, rows, row_target, eps)
-        (cols,) = yield [("col", f.span.col_sum(f.span.scale(g2, row=r * r)))]
+        cols = (ops.sq_sums(g, r, None, R, C, start, 0) if fused
+                else f.span.col_sum(f.span.scale(g2, row=r * r)))
+        (cols,) = yield [("col", cols)]
         c = _rescale(c, cols, col_target, eps)
     return r, c
 
@@ -54,9 +63,14 @@ class SinkhornRule(Rule):
 
     def run(self, f, p, g, st, group):
         row_t, col_t = self.targets(f)
-        r, c = yield from sinkhorn_scales(f, g * g, group["sinkhorn_iters"], group["eps"],
-                                          row_t, col_t)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
+        fused = ops.fused_enabled()
+        r, c = yield from sinkhorn_scales(f, g, group["sinkhorn_iters"], group["eps"],
+                                          row_t, col_t, fused)
+        lr, wd = group["lr"], group["weight_decay"]
+        if fused:  # the scaled gradient is formed in registers, never in memory
+            ops.scaled_update_(p, g, r, c, f.cols, f.span.start, lr, wd, self.step_size(group))
+            return
+        p.mul_(1 - lr * wd)
         p.sub_(f.span.scale(g, row=r, col=c), alpha=self.step_size(group))
 
 

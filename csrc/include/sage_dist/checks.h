@@ -72,4 +72,42 @@ inline void check_lion_args(const at::Tensor& param, const at::Tensor& exp_avg,
   check_contiguous(grad, op, "grad");
 }
 
+// ---------------------------------------------------------------------------
+// Fragment ops: a fragment is elements [start, start + n) of the row-major flat index of
+// a global [R, C] matrix; element k sits at row (start + k) / C, column (start + k) % C.
+// ---------------------------------------------------------------------------
+inline void check_geometry(int64_t n, int64_t C, int64_t start, const char* op) {
+  TORCH_CHECK(C >= 1, op, ": C=", C, " is invalid; allowed: C >= 1");
+  TORCH_CHECK(start >= 0, op, ": start=", start, " is invalid; allowed: start >= 0");
+  (void)n;
+}
+
+// A per-row or per-column fp32 vector of `len` entries (any len when len < 0: checked later).
+inline void check_scale_vector(const at::Tensor& ref, const at::Tensor& v, int64_t len,
+                               const char* op, const char* name, c10::DeviceType device_type) {
+  check_fp32_state(v, op, name);
+  check_device(ref, "grad", v, op, name, device_type);
+  check_contiguous(v, op, name);
+  TORCH_CHECK(v.dim() == 1, op, ": ", name, " must be 1-D (got sizes ", v.sizes(), ")");
+  TORCH_CHECK(len < 0 || v.numel() == len, op, ": ", name, " has ", v.numel(),
+              " entries; it must have ", len);
+}
+
+// The row vector must reach the last row the fragment touches.
+inline void check_rows_cover(const at::Tensor& r, int64_t n, int64_t C, int64_t start,
+                             const char* op, const char* name) {
+  if (n == 0) return;
+  const int64_t last = (start + n - 1) / C;
+  TORCH_CHECK(r.numel() > last, op, ": ", name, " has ", r.numel(),
+              " entries but the fragment reaches row ", last);
+}
+
+inline void check_fragment_tensor(const at::Tensor& ref, const char* ref_name,
+                                  const at::Tensor& t, const char* op, const char* name,
+                                  c10::DeviceType device_type) {
+  check_storage_dtype(t, op, name);
+  check_device(ref, ref_name, t, op, name, device_type);
+  check_contiguous(t, op, name);
+}
+
 }  // namespace sage_dist

@@ -59,5 +59,89 @@ SD_HOST_DEVICE inline void lion_update(float& p, float& m, float g, const LionCo
   m = c.beta2 * m + c.one_minus_beta2 * g;
 }
 
+// ---------------------------------------------------------------------------
+// Generic forms below are templates on the value type T: float on the CPU scalar path
+// and on CUDA, at::vec::Vectorized<float> on the CPU vector path (which specialises
+// sign_of). Coefficients are broadcast with T(x). Each product and sum is rounded on its
+// own, in the order the pure-PyTorch reference uses.
+// ---------------------------------------------------------------------------
+template <typename T>
+SD_HOST_DEVICE inline T sign_of(T x);
+
+template <>
+SD_HOST_DEVICE inline float sign_of<float>(float x) {
+  return sign(x);
+}
+
+// SAGE (spec §1), the elementwise part once the per-column damper h is known:
+//   p <- p (1 - lr wd);  m, u per `momentum_first`;  p <- p - lr (u h)
+struct SageCoeffs {
+  float lr;
+  float decay;  // 1 - lr * weight_decay
+  float beta1;
+  float one_minus_beta1;
+  float beta2;
+  float one_minus_beta2;
+  bool momentum_first;  // the authors' order: m is updated before the direction
+};
+
+SD_HOST_DEVICE inline SageCoeffs make_sage_coeffs(double lr, double beta1, double beta2,
+                                                  double weight_decay, bool momentum_first) {
+  SageCoeffs c;
+  c.lr = static_cast<float>(lr);
+  c.decay = static_cast<float>(1.0 - lr * weight_decay);
+  c.beta1 = static_cast<float>(beta1);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.momentum_first = momentum_first;
+  return c;
+}
+
+template <typename T>
+SD_HOST_DEVICE inline void sage_update(T& p, T& m, T g, T h, const SageCoeffs& c) {
+  T u;
+  if (c.momentum_first) {
+    m = T(c.beta2) * m + T(c.one_minus_beta2) * g;
+    u = sign_of(T(c.beta1) * m + T(c.one_minus_beta1) * g);
+  } else {
+    u = sign_of(T(c.beta1) * m + T(c.one_minus_beta1) * g);
+    m = T(c.beta2) * m + T(c.one_minus_beta2) * g;
+  }
+  p = p * T(c.decay);
+  p = p - T(c.lr) * (u * h);
+}
+
+// Sinkhorn / SinkGD / SCALE (spec §2-4): the final step with the gradient scaled on the fly,
+//   p <- p (1 - lr wd) - step (g r c)     (r: row scale, c: column scale; 1 when absent)
+struct ScaledCoeffs {
+  float decay;  // 1 - lr * weight_decay
+  float step;
+};
+
+SD_HOST_DEVICE inline ScaledCoeffs make_scaled_coeffs(double lr, double weight_decay,
+                                                      double step) {
+  ScaledCoeffs c;
+  c.decay = static_cast<float>(1.0 - lr * weight_decay);
+  c.step = static_cast<float>(step);
+  return c;
+}
+
+template <typename T>
+SD_HOST_DEVICE inline T scaled_update(T p, T g, T r, T c, const ScaledCoeffs& k) {
+  T x = g * r;
+  x = x * c;
+  p = p * T(k.decay);
+  return p - T(k.step) * x;
+}
+
+// The value whose square the Sinkhorn / SCALE statistics sum: g r c.
+template <typename T>
+SD_HOST_DEVICE inline T scaled_square(T g, T r, T c) {
+  T x = g * r;
+  x = x * c;
+  return x * x;
+}
+
 }  // namespace elementwise
 }  // namespace sage_dist

@@ -1,0 +1,64 @@
+// Argument checks of the fragment ops (colsum_abs, sq_sums, sage_update_, scaled_update_),
+// shared by the CPU and CUDA kernels; sage_dist/ops.py mirrors them for the fake kernels
+// and the pure-PyTorch fallbacks.
+#pragma once
+
+#include <optional>
+
+#include "sage_dist/checks.h"
+
+namespace sage_dist {
+
+inline void check_colsum_abs_args(const at::Tensor& grad, int64_t C, int64_t start,
+                                  c10::DeviceType dev) {
+  constexpr const char* op = "sage_dist::colsum_abs";
+  check_fragment_tensor(grad, "grad", grad, op, "grad", dev);
+  check_geometry(grad.numel(), C, start, op);
+}
+
+inline void check_sq_sums_args(const at::Tensor& grad, const std::optional<at::Tensor>& r,
+                               const std::optional<at::Tensor>& c, int64_t R, int64_t C,
+                               int64_t start, int64_t dim, c10::DeviceType dev) {
+  constexpr const char* op = "sage_dist::sq_sums";
+  check_fragment_tensor(grad, "grad", grad, op, "grad", dev);
+  check_geometry(grad.numel(), C, start, op);
+  TORCH_CHECK(R >= 1, op, ": R=", R, " is invalid; allowed: R >= 1");
+  TORCH_CHECK(dim == 0 || dim == 1, op, ": dim=", dim, " is invalid; allowed: 0, 1");
+  TORCH_CHECK(start + grad.numel() <= R * C, op, ": the fragment [", start, ", ",
+              start + grad.numel(), ") is outside a [", R, ", ", C, "] matrix");
+  if (r) check_scale_vector(grad, *r, R, op, "r", dev);
+  if (c) check_scale_vector(grad, *c, C, op, "c", dev);
+}
+
+inline void check_sage_update_args(const at::Tensor& param, const at::Tensor& m,
+                                   const at::Tensor& grad, const at::Tensor& h, int64_t C,
+                                   int64_t start, c10::DeviceType dev) {
+  constexpr const char* op = "sage_dist::sage_update_";
+  check_fragment_tensor(param, "param", param, op, "param", dev);
+  check_fragment_tensor(param, "param", grad, op, "grad", dev);
+  check_fp32_state(m, op, "m");
+  check_device(param, "param", m, op, "m", dev);
+  check_contiguous(m, op, "m");
+  check_same_numel(param, "param", m, op, "m");
+  check_same_numel(param, "param", grad, op, "grad");
+  check_geometry(param.numel(), C, start, op);
+  check_scale_vector(param, h, C, op, "h", dev);
+}
+
+inline void check_scaled_update_args(const at::Tensor& param, const at::Tensor& grad,
+                                     const std::optional<at::Tensor>& r,
+                                     const std::optional<at::Tensor>& c, int64_t C,
+                                     int64_t start, c10::DeviceType dev) {
+  constexpr const char* op = "sage_dist::scaled_update_";
+  check_fragment_tensor(param, "param", param, op, "param", dev);
+  check_fragment_tensor(param, "param", grad, op, "grad", dev);
+  check_same_numel(param, "param", grad, op, "grad");
+  check_geometry(param.numel(), C, start, op);
+  if (r) {
+    check_scale_vector(param, *r, -1, op, "r", dev);
+    check_rows_cover(*r, param.numel(), C, start, op, "r");
+  }
+  if (c) check_scale_vector(param, *c, C, op, "c", dev);
+}
+
+}  // namespace sage_dist

@@ -1,0 +1,273 @@
+"""The fragment ops (colsum_abs, sq_sums, sage_update_, scaled_update_) against their
+pure-PyTorch references, on fragments that start and end mid-row; torch.library.opcheck.
+
+fp32: within 1e-6 relative. bf16 storage: within one bf16 ulp, except sign ties of SAGE's
+direction, which are counted and must stay below 1e-4 of the elements.
+"""
+
+import pytest
+import torch
+
+from sage_dist import ops
+
+needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION,
+                               reason=f"sage_dist._C not built ({ops.EXTENSION_ERROR})")
+needs_cuda_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and "cuda" in ops._FRAGMENT_DEVICES["sage_update_"]),
+    reason="needs a CUDA GPU and sage_dist._C built with its CUDA kernels")
+
+R, C = 29, 67
+# (start, end) of the flat index: whole, mid-row to mid-row, inside one row, whole rows,
+# starting on a row boundary and ending mid-row, empty.
+FRAGMENTS = [(0, R * C), (45, R * C - 13), (70, 120), (2 * C, 9 * C), (3 * C, 5 * C + 7),
+             (400, 400)]
+DTYPES = [torch.float32, torch.bfloat16]
+SAGE_HP = dict(lr=3e-2, beta1=0.9, beta2=0.99, weight_decay=0.1)
+
+
+def inputs(start, end, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = end - start
+    t = dict(param=torch.randn(n, generator=gen).to(dtype),
+             grad=torch.randn(n, generator=gen).to(dtype),
+             m=0.1 * torch.randn(n, generator=gen),
+             r=torch.rand(R, generator=gen) + 0.5,
+             c=torch.rand(C, generator=gen) + 0.5,
+             h=torch.rand(C, generator=gen))
+    return {k: v.to(device) for k, v in t.items()}
+
+
+def ulp_bad(actual, expected):
+    """Mask of elements further apart than the tolerance of expected's dtype."""
+    a, e = actual.cpu().float(), expected.cpu().float()
+    if expected.dtype == torch.float32:
+        return (a - e).abs() > 1e-6 * e.abs() + 1e-9
+    _, exponent = torch.frexp(torch.maximum(a.abs(), e.abs()))
+    return (a - e).abs() > torch.ldexp(torch.ones_like(e), exponent - 8)
+
+
+def assert_close(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    bad = ulp_bad(actual, expected)
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} elements out of tolerance"
+
+
+def test_kernels_registered():
+    if not ops.HAS_EXTENSION:
+        pytest.skip("sage_dist._C not built")
+    for op in ops.FRAGMENT_OPS:
+        assert "cpu" in ops._FRAGMENT_DEVICES[op], op
+
+
+# ----------------------------------------------------------------------------- statistics
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("frag", FRAGMENTS)
+def test_colsum_abs(frag, dtype):
+    t = inputs(*frag, dtype)
+    got = torch.ops.sage_dist.colsum_abs(t["grad"], C, frag[0])
+    torch.testing.assert_close(got, ops.colsum_abs_reference(t["grad"], C, frag[0]),
+                               rtol=1e-6, atol=1e-7)
+
+
+@needs_ext
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("scales", ["rc", "r", "c", ""])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("frag", FRAGMENTS)
+def test_sq_sums(frag, dtype, scales, dim):
+    t = inputs(*frag, dtype)
+    r = t["r"] if "r" in scales else None
+    c = t["c"] if "c" in scales else None
+    args = (t["grad"], r, c, R, C, frag[0], dim)
+    torch.testing.assert_close(torch.ops.sage_dist.sq_sums(*args), ops.sq_sums_reference(*args),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_sq_sums_reference_by_hand():
+    # [2, 3] matrix, fragment [1, 5): elements g = (1, 2, 3, 4) at (0,1) (0,2) (1,0) (1,1).
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    r, c = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.5, 3.0])
+    rows = ops.sq_sums_reference(g, r, c, 2, 3, 1, 1)   # (1*.5)^2 + (2*3)^2; (3*2)^2 + (4*2*.5)^2
+    cols = ops.sq_sums_reference(g, r, c, 2, 3, 1, 0)
+    torch.testing.assert_close(rows, torch.tensor([36.25, 52.0]))
+    torch.testing.assert_close(cols, torch.tensor([36.0, 0.25 + 16.0, 36.0]))
+    torch.testing.assert_close(ops.colsum_abs_reference(-g, 3, 1), torch.tensor([3.0, 5.0, 2.0]))
+
+
+# ----------------------------------------------------------------------------- updates
+def run_sage(fn, t, start, momentum_first):
+    p, m = t["param"].clone(), t["m"].clone()
+    fn(p, m, t["grad"], t["h"], C, start, *SAGE_HP.values(), momentum_first)
+    return p, m
+
+
+@needs_ext
+@pytest.mark.parametrize("momentum_first", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("frag", FRAGMENTS)
+def test_sage_update(frag, dtype, momentum_first):
+    t = inputs(*frag, dtype)
+    p, m = run_sage(torch.ops.sage_dist.sage_update_, t, frag[0], momentum_first)
+    p_ref, m_ref = run_sage(ops.sage_update_reference, t, frag[0], momentum_first)
+    assert_close(m, m_ref)
+    # A sign tie (the direction's argument within rounding of 0) flips one element by 2 lr h.
+    bad = ulp_bad(p, p_ref)
+    ties = int(bad.sum())
+    print(f"sage_update_ {dtype} {frag}: {ties} sign ties of {p.numel()}")
+    assert ties <= 1e-4 * max(1, p.numel()), f"{ties} sign ties"
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sage_update_large_sign_ties(dtype):
+    """Many elements, bf16 grads: count the sign ties against the reference (< 1e-4)."""
+    start, end = 1000 * 5 + 77, 1000 * 400 + 3   # mid-row fragment of a [*, 1000] matrix
+    gen = torch.Generator().manual_seed(5)
+    n = end - start
+    p0, g = torch.randn(n, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)
+    m0, h = 0.1 * torch.randn(n, generator=gen), torch.rand(1000, generator=gen)
+    out = []
+    for fn in (torch.ops.sage_dist.sage_update_, ops.sage_update_reference):
+        p, m = p0.clone(), m0.clone()
+        for _ in range(3):
+            fn(p, m, g, h, 1000, start, *SAGE_HP.values(), True)
+        out.append((p, m))
+    ties = int(ulp_bad(out[0][0], out[1][0]).sum())
+    print(f"sage_update_ {dtype}, {n} elements, 3 steps: {ties} sign ties")
+    assert ties < 1e-4 * n
+    assert_close(out[0][1], out[1][1])
+
+
+@needs_ext
+@pytest.mark.parametrize("scales", ["rc", "r", "c", ""])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("frag", FRAGMENTS)
+def test_scaled_update(frag, dtype, scales):
+    t = inputs(*frag, dtype)
+    r = t["r"] if "r" in scales else None
+    c = t["c"] if "c" in scales else None
+    out = []
+    for fn in (torch.ops.sage_dist.scaled_update_, ops.scaled_update_reference):
+        p = t["param"].clone()
+        fn(p, t["grad"], r, c, C, frag[0], 3e-2, 0.1, 0.3)
+        out.append(p)
+    assert_close(*out)
+
+
+def test_scaled_update_reference_by_hand():
+    p = torch.tensor([1.0, 1.0, 1.0])
+    g = torch.tensor([1.0, 2.0, 4.0])                # [2, 2] matrix, fragment [1, 4)
+    ops.scaled_update_reference(p, g, torch.tensor([1.0, 0.5]), torch.tensor([2.0, 1.0]),
+                                2, 1, 0.1, 0.5, 0.25)
+    # decay 0.95; x = (1*1*1, 2*.5*2, 4*.5*1) = (1, 2, 2)
+    torch.testing.assert_close(p, torch.tensor([0.95 - 0.25, 0.95 - 0.5, 0.95 - 0.5]))
+
+
+# ----------------------------------------------------------------------------- opcheck
+def opcheck_cases():
+    t = inputs(45, R * C - 13, torch.float32)
+    tb = inputs(70, 190, torch.bfloat16, seed=1)
+    yield "colsum_abs", (t["grad"], C, 45)
+    yield "colsum_abs", (tb["grad"], C, 70)
+    yield "sq_sums", (t["grad"], t["r"], t["c"], R, C, 45, 1)
+    yield "sq_sums", (tb["grad"], None, tb["c"], R, C, 70, 0)
+    yield "sage_update_", (t["param"], t["m"], t["grad"], t["h"], C, 45, 0.01, 0.9, 0.99, 0.1,
+                           True)
+    yield "sage_update_", (tb["param"], tb["m"], tb["grad"], tb["h"], C, 70, 0.01, 0.9, 0.99,
+                           0.0, False)
+    yield "scaled_update_", (t["param"], t["grad"], t["r"], t["c"], C, 45, 0.01, 0.1, 0.1)
+    yield "scaled_update_", (tb["param"], tb["grad"], None, tb["c"], C, 70, 0.01, 0.0, 0.1)
+
+
+@needs_ext
+@pytest.mark.parametrize("case", list(opcheck_cases()), ids=lambda c: c[0])
+def test_opcheck(case):
+    name, args = case
+    torch.library.opcheck(getattr(torch.ops.sage_dist, name).default, args)
+
+
+# ----------------------------------------------------------------------------- errors
+@needs_ext
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_bad_arguments_rejected_alike(impl):
+    t = inputs(0, R * C, torch.float32)
+    k = impl == "kernel"
+    sq = torch.ops.sage_dist.sq_sums if k else ops.sq_sums_reference
+    su = torch.ops.sage_dist.sage_update_ if k else ops.sage_update_reference
+    sc = torch.ops.sage_dist.scaled_update_ if k else ops.scaled_update_reference
+    with pytest.raises(RuntimeError, match="dim=2 is invalid"):
+        sq(t["grad"], None, None, R, C, 0, 2)
+    with pytest.raises(RuntimeError, match="outside a"):
+        sq(t["grad"], None, None, R - 1, C, 0, 1)
+    with pytest.raises(RuntimeError, match="C=0 is invalid"):
+        sq(t["grad"], None, None, R, 0, 0, 1)
+    with pytest.raises(RuntimeError, match="h has 3 entries"):
+        su(t["param"], t["m"], t["grad"], torch.ones(3), C, 0, 0.1, 0.9, 0.99, 0.0, True)
+    with pytest.raises(RuntimeError, match="m \\(optimizer state\\) has dtype"):
+        su(t["param"], t["m"].double(), t["grad"], t["h"], C, 0, 0.1, 0.9, 0.99, 0.0, True)
+    with pytest.raises(RuntimeError, match="r has 3 entries but the fragment reaches row"):
+        sc(t["param"], t["grad"], torch.ones(3), None, C, 0, 0.1, 0.0, 0.1)
+
+
+# ----------------------------------------------------------------------------- switch
+def test_fused_switch():
+    assert ops.fused_enabled() in (True, False)
+    with ops.fused(False):
+        assert not ops.fused_enabled()
+        with ops.fused(True):
+            assert ops.fused_enabled()
+        assert not ops.fused_enabled()
+
+
+# ----------------------------------------------------------------------------- GPU
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("frag", FRAGMENTS)
+def test_cuda_against_reference(frag, dtype):
+    t = inputs(*frag, dtype, device="cuda")
+    tc = {k: v.cpu() for k, v in t.items()}
+    start = frag[0]
+    torch.testing.assert_close(torch.ops.sage_dist.colsum_abs(t["grad"], C, start).cpu(),
+                               ops.colsum_abs_reference(tc["grad"], C, start),
+                               rtol=1e-6, atol=1e-7)
+    for dim in (0, 1):
+        args = (t["r"], t["c"], R, C, start, dim)
+        torch.testing.assert_close(
+            torch.ops.sage_dist.sq_sums(t["grad"], *args).cpu(),
+            ops.sq_sums_reference(tc["grad"], tc["r"], tc["c"], R, C, start, dim),
+            rtol=1e-6, atol=1e-7)
+    p, m = run_sage(torch.ops.sage_dist.sage_update_, t, start, True)
+    p_ref, m_ref = run_sage(ops.sage_update_reference, tc, start, True)
+    assert_close(m, m_ref)
+    assert int(ulp_bad(p, p_ref).sum()) <= 1e-4 * max(1, p.numel())
+    p, p_ref = t["param"].clone(), tc["param"].clone()
+    torch.ops.sage_dist.scaled_update_(p, t["grad"], t["r"], t["c"], C, start, 0.03, 0.1, 0.3)
+    ops.scaled_update_reference(p_ref, tc["grad"], tc["r"], tc["c"], C, start, 0.03, 0.1, 0.3)
+    assert_close(p, p_ref)
+
+
+# ----------------------------------------------------------------------------- fallback
+@pytest.mark.parametrize("recipe", ["sage-hybrid", "scale"])
+def test_fallback_without_kernels_matches(monkeypatch, recipe):
+    """With no kernel for the device, the rules run each op's pure-PyTorch reference (one
+    warning per op) and give the same step as the kernels."""
+    import sage_dist
+
+    def run():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(50, 12), torch.nn.Linear(12, 9))
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt = sage_dist.build_optimizer(model, recipe)
+        for _ in range(2):
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    fast = run()
+    monkeypatch.setattr(ops, "_FRAGMENT_DEVICES", {op: frozenset() for op in ops.FRAGMENT_OPS})
+    monkeypatch.setattr(ops, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="pure-PyTorch fallback"):
+        slow = run()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
