@@ -101,10 +101,15 @@ class Engine:
         return self.sage.state_bytes()["total"]
 
     def memory(self) -> dict:
-        """This rank's bytes: parameters, gradient buffers, optimizer state, peak RSS."""
+        """This rank's bytes: parameters, gradient buffers, optimizer state, peak RSS, and
+        sage_dist.memory's full breakdown (parameters by dtype, gradients, fp32 masters,
+        optimizer state elementwise/replicated per rule, peak) under 'breakdown'."""
+        from sage_dist import memory as sdm
+
         params, grads = self._param_grad_bytes()
         return {"params": params, "grads": grads, "optimizer": self.optimizer_state_bytes(),
-                "peak_rss": peak_rss_bytes()}
+                "peak_rss": peak_rss_bytes(),
+                "breakdown": sdm.measure(self.wrapped, self.sage)}
 
     def param_digest(self) -> str:
         """sha256 of every full parameter in fp32, in name order: equal across ranks when the

@@ -355,6 +355,9 @@ def run(argv: list[str]) -> dict:
         log("per-rank memory (bytes held by this rank; optimizer state from "
             "optimizer.state_bytes(), peak RSS from getrusage):")
         log(memory_table(mem))
+        from sage_dist.memory import format_table
+        log(format_table([m["breakdown"] for m in mem],
+                         title="sage_dist.memory breakdown (after the last step)"))
         if cfg.plot:
             png = plot_losses(out / "metrics.jsonl", out / "loss.png",
                               f"{cfg.recipe} / {engine.name} / {world} rank(s)")
