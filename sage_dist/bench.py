@@ -11,7 +11,6 @@ step time relative to torch's AdamW (foreach). Every figure comes from this one 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -81,33 +80,6 @@ def build_model(config_path: str):
     return model
 
 
-def engine_check(grads) -> None:
-    """The engine's per-parameter finiteness check, exactly as optimizer.py runs it."""
-    for g in grads:
-        (~torch.isfinite(g.float())).any().float().reshape(1)
-
-
-@contextlib.contextmanager
-def one_pass_engine_check():
-    """What-if: the engine's check `(~torch.isfinite(g)).any()` computed in one pass without
-    temporaries. torch.aminmax propagates NaN and shows +-inf, so isfinite(min) & isfinite(max)
-    is the same flag. Patched only while timing the "one-pass check" column; the engine itself
-    (optimizer.py) is unchanged."""
-    orig = torch.isfinite
-
-    def isfinite(t):
-        if t.numel() < 2:
-            return orig(t)
-        lo, hi = torch.aminmax(t)
-        return (orig(lo) & orig(hi)).reshape(1)
-
-    torch.isfinite = isfinite
-    try:
-        yield
-    finally:
-        torch.isfinite = orig
-
-
 def time_steps(opt, warmup: int, steps: int) -> float:
     """Median seconds of opt.step() (gradients stay in place between steps)."""
     for _ in range(warmup):
@@ -120,30 +92,19 @@ def time_steps(opt, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def engine_check_seconds(model, repeats: int = 3) -> tuple[float, float]:
-    """Seconds of the engine's per-parameter finiteness check over all gradients, as
-    optimizer.py runs it before the first phase, and of an equivalent one-pass form
-    (torch.aminmax: NaN propagates through min/max and +-inf shows in them)."""
+def engine_check_seconds(model, repeats: int = 3) -> float:
+    """Seconds of the engine's per-parameter finiteness check over all gradients (one
+    torch.aminmax pass per gradient, as optimizer.py runs it before the first phase)."""
+    from .optim.optimizer import _nonfinite_flag
+
     grads = [p.grad for p in model.parameters()]
-
-    def engine():
-        engine_check(grads)
-
-    def one_pass():
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
         for g in grads:
-            lo, hi = torch.aminmax(g)
-            (~(torch.isfinite(lo) & torch.isfinite(hi))).float().reshape(1)
-
-    out = []
-    for fn in (engine, one_pass):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        out.append(statistics.median(times))
-    return out[0], out[1]
+            _nonfinite_flag(g)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def cases(model):
@@ -167,54 +128,36 @@ def run_step(args) -> dict:
             opt = make()
             ours = not name.startswith("torch")
             seconds = time_steps(opt, args.warmup, args.steps)
-            if ours:
-                with one_pass_engine_check():
-                    net = time_steps(opt, args.warmup, args.steps)
             nbytes = step_bytes(opt)
         del opt
         results[name] = dict(seconds=seconds, bytes=nbytes, gbps=nbytes / seconds / 1e9,
                              bandwidth_fraction=nbytes / seconds / bw)
-        if ours:
-            results[name]["seconds_one_pass_check"] = net  # with the one-pass check
-    check, check_one_pass = engine_check_seconds(model)
+    check = engine_check_seconds(model)
     bw_after = measure_bandwidth()  # the machine is shared: bracket the run
     base = results["torch AdamW foreach"]["seconds"]
     for name, r in results.items():
         r["time_vs_adamw_foreach"] = r["seconds"] / base
-        if "seconds_one_pass_check" in r:  # our engine: also with a one-pass check
-            r["bandwidth_fraction_one_pass_check"] = r["bytes"] / r["seconds_one_pass_check"] / bw
-            r["time_vs_adamw_foreach_one_pass_check"] = r["seconds_one_pass_check"] / base
     fused_vs_ref = (results["sage-hybrid reference"]["seconds"]
                     / results["sage-hybrid fused"]["seconds"])
-    fused_vs_ref_nc = (results["sage-hybrid reference"]["seconds_one_pass_check"]
-                       / results["sage-hybrid fused"]["seconds_one_pass_check"])
     out = dict(model=args.model, parameters=n_params, threads=threads,
                extension=ops.HAS_EXTENSION, bandwidth_gbps=bw / 1e9,
                bandwidth_after_gbps=bw_after / 1e9, steps=args.steps, warmup=args.warmup,
-               engine_check_seconds=check, engine_check_one_pass_seconds=check_one_pass,
-               recipes=results, sage_hybrid_fused_speedup_vs_reference=fused_vs_ref,
-               sage_hybrid_fused_speedup_vs_reference_one_pass_check=fused_vs_ref_nc)
+               engine_check_seconds=check, recipes=results,
+               sage_hybrid_fused_speedup_vs_reference=fused_vs_ref)
     print(f"model {args.model}: {n_params / 1e6:.1f}M fp32 parameters, {threads} threads, "
           f"extension {'built' if ops.HAS_EXTENSION else 'NOT built'}")
     print(f"measured bandwidth (triad): {bw / 1e9:.2f} GB/s before, {bw_after / 1e9:.2f} GB/s "
           f"after the steps")
     print(f"{'recipe':<24}{'step ms':>9}{'MB moved':>10}{'GB/s':>8}{'of bw':>8}"
-          f"{'vs AdamW foreach':>18}  | with a one-pass check: {'ms':>7}{'of bw':>7}"
-          f"{'vs AdamW fe':>12}")
+          f"{'vs AdamW foreach':>18}")
     for name, r in results.items():
         line = (f"{name:<24}{r['seconds'] * 1e3:>9.1f}{r['bytes'] / 1e6:>10.0f}"
                 f"{r['gbps']:>8.2f}{r['bandwidth_fraction']:>8.0%}"
                 f"{r['time_vs_adamw_foreach']:>17.2f}x")
-        if "seconds_one_pass_check" in r:
-            line += (f"  | {'':>23}{r['seconds_one_pass_check'] * 1e3:>7.1f}"
-                     f"{r['bandwidth_fraction_one_pass_check']:>7.0%}"
-                     f"{r['time_vs_adamw_foreach_one_pass_check']:>11.2f}x")
         print(line)
-    print(f"the engine's finiteness check (optimizer.py, (~isfinite(g)).any() per parameter) "
-          f"takes {check * 1e3:.1f} ms (alone) in every step of our recipes; a one-pass torch.aminmax "
-          f"form takes {check_one_pass * 1e3:.1f} ms")
-    print(f"sage-hybrid fused is {fused_vs_ref:.2f}x faster than its pure-PyTorch reference "
-          f"({fused_vs_ref_nc:.2f}x with a one-pass engine check)")
+    print(f"the engine's finiteness check (one torch.aminmax pass per gradient) takes "
+          f"{check * 1e3:.1f} ms of every step of our recipes")
+    print(f"sage-hybrid fused is {fused_vs_ref:.2f}x faster than its pure-PyTorch reference")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
