@@ -287,6 +287,12 @@ def run(argv: list[str]) -> dict:
     if is0:
         (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1))
 
+    mem = all_gather_objects(engine.memory(), world)   # at start: model and state, no grads
+    metrics.write({"kind": "memory", "step": start_step, "memory": mem})
+    if is0:
+        from sage_dist.memory import format_table
+        log(format_table([m["breakdown"] for m in mem],
+                         title=f"sage_dist.memory breakdown at step {start_step}"))
     first_val = None
     if start_step == 0:
         first_val = evaluate(engine, val, cfg, rank, world, micro)
