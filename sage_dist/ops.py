@@ -180,15 +180,20 @@ def _check_geometry(op, C, start):
         raise RuntimeError(f"{op}: start={start} is invalid; allowed: start >= 0")
 
 
-def _check_vector(op, name, v, ref, length):
+def _check_state(op, name, v, ref, ref_name):
+    """fp32, on ref's device, contiguous: what every state or scale tensor of an op must be."""
     if v.dtype != torch.float32:
         raise RuntimeError(f"{op}: {name} (optimizer state) has dtype {v.dtype}; allowed: Float")
     if v.device != ref.device:
-        raise RuntimeError(f"{op}: {name} is on {v.device} but grad is on {ref.device}; "
+        raise RuntimeError(f"{op}: {name} is on {v.device} but {ref_name} is on {ref.device}; "
                            "all tensors must be on one device")
     if not v.is_contiguous():
         raise RuntimeError(f"{op}: {name} must be contiguous (got sizes {list(v.shape)}, "
                            f"strides {list(v.stride())})")
+
+
+def _check_vector(op, name, v, ref, length):
+    _check_state(op, name, v, ref, "grad")
     if v.dim() != 1:
         raise RuntimeError(f"{op}: {name} must be 1-D (got sizes {list(v.shape)})")
     if length is not None and v.numel() != length:
@@ -230,14 +235,7 @@ def _check_sage_update_args(param, m, grad, h, C, start):
     op = "sage_dist::sage_update_"
     _check_fragment_tensor(op, "param", param)
     _check_fragment_tensor(op, "grad", grad, param)
-    if m.dtype != torch.float32:
-        raise RuntimeError(f"{op}: m (optimizer state) has dtype {m.dtype}; allowed: Float")
-    if m.device != param.device:
-        raise RuntimeError(f"{op}: m is on {m.device} but param is on {param.device}; "
-                           "all tensors must be on one device")
-    if not m.is_contiguous():
-        raise RuntimeError(f"{op}: m must be contiguous (got sizes {list(m.shape)}, "
-                           f"strides {list(m.stride())})")
+    _check_state(op, "m", m, param, "param")
     _check_same_numel(op, "m", m, param)
     _check_same_numel(op, "grad", grad, param)
     _check_geometry(op, C, start)

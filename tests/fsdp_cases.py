@@ -137,6 +137,18 @@ def exactness(rank, world, mesh_shape, recipes, steps):
     return out
 
 
+def side_by_side(model, opt, plain, popt, rank, world, steps):
+    """Train a distributed model on this rank's slice and a one-process copy on the whole
+    global batch, step for step."""
+    for step in range(steps):
+        model(local_batch(step, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+        plain(global_batch(step)).backward()
+        popt.step()
+        popt.zero_grad()
+
+
 def trajectory(rank, world, mesh_shape, recipe, steps):
     """A sharded run vs a single-process run on the same global batches: max difference."""
     mesh = make_mesh(mesh_shape)
@@ -145,13 +157,7 @@ def trajectory(rank, world, mesh_shape, recipe, steps):
     plain = ProbeLlama(0)
     opt = sage_dist.build_optimizer(model, recipe)
     popt = sage_dist.build_optimizer(plain, recipe)
-    for step in range(steps):
-        model(local_batch(step, rank, dp)).backward()
-        opt.step()
-        opt.zero_grad()
-        plain(global_batch(step)).backward()
-        popt.step()
-        popt.zero_grad()
+    side_by_side(model, opt, plain, popt, rank, dp, steps)
     full = dict((n, p.full_tensor()) for n, p in model.named_parameters())
     worst = 0.0
     for n, p in plain.named_parameters():
@@ -278,13 +284,7 @@ def ddp_matches_single_process(rank, world):
     names = {r: [n for n in g["param_names"]] for r, g in
              zip(range(len(opt.param_groups)), opt.param_groups)}
     assert names == {r: g["param_names"] for r, g in enumerate(popt.param_groups)}
-    for step in range(3):
-        model(local_batch(step, rank, world)).backward()
-        opt.step()
-        opt.zero_grad()
-        plain(global_batch(step)).backward()
-        popt.step()
-        popt.zero_grad()
+    side_by_side(model, opt, plain, popt, rank, world, 3)
     return max(compare(a, b, 0).rel for a, b in zip(model.module.parameters(),
                                                    plain.parameters()))
 
