@@ -123,6 +123,6 @@ setup(
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
     install_requires=["torch"],
-    entry_points={"console_scripts": ["sage-dist = sage_dist.cli:main", "sage-dist-train = sage_dist.train.cli:main"]},
+    entry_points={"console_scripts": ["sage-dist = sage_dist.cli:main", "sage-dist-train = sage_dist.train.cli:entry"]},
     zip_safe=False,
 )

@@ -8,6 +8,7 @@ import datetime
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import traceback
 
@@ -40,15 +41,20 @@ def _entry(rank, world, port, out_dir, fn, args):
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalisation: gloo's worker threads may still be releasing the last
+    # work objects, and a thread that needs the GIL then aborts the process (the reason is
+    # written out at sage_dist.train.cli.end_process). The result file is closed above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(fn, world: int, *args, expect_error: bool = False, timeout: float = 900):
     """fn(rank, world, *args) on `world` processes; returns the list of per-rank results.
 
-    Results are written by each rank before process-group teardown; a rank that reported and
-    then died in teardown (seen rarely with gloo at exit) still counts as reported, and a rank
-    that never reported fails the run with its exit code. With expect_error=True, returns the
-    per-rank error dicts instead of raising.
+    Every rank writes its result before process-group teardown and must then exit with code 0;
+    a rank that never reported, or died in teardown, fails the run with its exit code. With
+    expect_error=True, returns the per-rank results (error dicts) instead of raising.
     """
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(_entry, args=(world, free_port(), out_dir, fn, args),
@@ -70,6 +76,8 @@ def run(fn, world: int, *args, expect_error: bool = False, timeout: float = 900)
             with open(path, "rb") as f:
                 results.append(pickle.load(f))
     errors = [r for r in results if "error" in r]
+    if not errors and any(c != 0 for c in codes):
+        raise AssertionError(f"every rank reported, but the exit codes are {codes}")
     if expect_error:
         return results
     if errors:

@@ -57,7 +57,14 @@ def init_distributed(cfg: TrainConfig, device: torch.device) -> tuple[int, int]:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    global GLOO_USED
+    GLOO_USED = GLOO_USED or dist.get_backend() == "gloo"
     return dist.get_rank(), dist.get_world_size()
+
+
+# Set once this process has run a gloo process group; the command-line entry then ends the
+# process without interpreter finalisation (see sage_dist.train.cli.end_process).
+GLOO_USED = False
 
 
 def barrier():
