@@ -188,3 +188,21 @@ def test_entry_point_exit_code(cache):
                         "configs/train/tiny_single.yaml", "--no_such_key", "1"], cwd=ROOT,
                        env=_env(cache), capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "no_such_key" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("gloo_used", [False, True])
+def test_end_process_after_gloo_skips_finalisation(gloo_used):
+    """After a gloo group the entry point leaves without interpreter finalisation (gloo's
+    worker threads may still be freeing tensors then), keeping the job's exit code and every
+    line already printed; without one it exits normally."""
+    code = ("import atexit, sys\n"
+            "from sage_dist.train import cli, loop\n"
+            f"loop.GLOO_USED = {gloo_used}\n"
+            "atexit.register(lambda: print('finalised'))\n"
+            "sys.stdout.write('written before exit')\n"  # no newline: still buffered
+            "cli.end_process(3)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert p.returncode == 3, p.stderr
+    assert p.stdout.startswith("written before exit"), p.stdout
+    assert ("finalised" in p.stdout) is not gloo_used, p.stdout
