@@ -6,7 +6,8 @@ kernels (csrc/cuda/*.cu) are added when all of these hold:
   * a CUDA toolkit is found: $CUDA_HOME, else /usr/local/cuda (must contain bin/nvcc),
   * SAGE_DIST_NO_CUDA is not "1".
 Environment knobs: CUDA_HOME, SAGE_DIST_NO_CUDA=1, TORCH_CUDA_ARCH_LIST (default
-"8.0;9.0+PTX"), MAX_JOBS (parallel compile jobs, read by torch's ninja build).
+"8.0;9.0+PTX"), SAGE_DIST_CPU_ARCH (auto | avx2 | generic, default auto: AVX2 if the build
+machine has it), MAX_JOBS (parallel compile jobs, read by torch's ninja build).
 
     pip install --no-build-isolation -e .
     python setup.py build_ext --inplace
@@ -73,6 +74,24 @@ def _pip_cuda_include_dirs():
     return found
 
 
+def _cpu_arch_flags():
+    """Vector ISA of the CPU kernels: SAGE_DIST_CPU_ARCH=auto (default: AVX2 when the build
+    machine has it, as DeepSpeed builds its CPU ops for the build machine), avx2, or generic
+    (baseline x86-64 / the compiler's default: a build to copy to other machines)."""
+    arch = os.environ.get("SAGE_DIST_CPU_ARCH", "auto")
+    if arch not in ("auto", "avx2", "generic"):
+        sys.exit(f"sage_dist setup: SAGE_DIST_CPU_ARCH={arch!r} is invalid: "
+                 "allowed are 'auto', 'avx2', 'generic'")
+    if arch == "auto":
+        try:
+            with open("/proc/cpuinfo") as f:
+                arch = "avx2" if " avx2" in f.read() else "generic"
+        except OSError:
+            arch = "generic"
+    _log(f"CPU kernels built for: {arch} (SAGE_DIST_CPU_ARCH)")
+    return ["-mavx2"] if arch == "avx2" else []
+
+
 def _extensions():
     # torch.utils.cpp_extension reads CUDA_HOME and TORCH_CUDA_ARCH_LIST when imported /
     # when building, so both are settled before that import.
@@ -89,7 +108,7 @@ def _extensions():
         cxx = ["/O2", "/std:c++17"]
     else:
         # No FMA contraction: the CPU kernels then round exactly like the PyTorch reference.
-        cxx = ["-O3", "-ffp-contract=off"]
+        cxx = ["-O3", "-ffp-contract=off"] + _cpu_arch_flags()
 
     if not cuda_root:
         _log(f"building CPU-only extension sage_dist._C (CUDA sources skipped: {reason})")

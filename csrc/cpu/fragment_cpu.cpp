@@ -3,14 +3,14 @@
 //
 // A fragment [start, start + n) of a global [R, C] matrix is walked row by row (a partial
 // first row, whole rows, a partial last row); rows are split across threads with
-// at::parallel_for. The updates run on at::vec::Vectorized<float> when param and grad are
-// fp32 (the optimizer engine's case) and element by element otherwise. Statistics are
-// accumulated in double and rounded once, so they agree with torch's fp32 sums to well
-// within 1e-6 relative whatever the summation order.
+// at::parallel_for. The updates are plain per-element loops over the shared math, which the
+// compiler vectorises (with -mavx2 when setup.py builds for an AVX2 machine); row sums of
+// squares use 8-lane AVX2 vectors explicitly when available. Statistics are accumulated in
+// double and rounded once, so they agree with torch's fp32 sums to well within 1e-6
+// relative whatever the summation order.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -24,19 +24,25 @@
 #include "sage_dist/elementwise.h"
 #include "sage_dist/fragment_checks.h"
 
-namespace sage_dist {
-namespace elementwise {
-// sign on 8 (or 16) lanes at once: gt/lt give 1.0 or 0.0 per lane, so NaN and 0 map to 0.
-template <>
-inline at::vec::Vectorized<float> sign_of(at::vec::Vectorized<float> x) {
-  const at::vec::Vectorized<float> zero(0.f);
-  return x.gt(zero) - x.lt(zero);
-}
-}  // namespace elementwise
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
+namespace sage_dist {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
+#if defined(__AVX2__)
+// Eight fp32 lanes with just the arithmetic the elementwise templates use, so the vector
+// loops below run the header's math unchanged. Every operation is one IEEE-rounded
+// instruction (no FMA), as in the scalar code.
+struct F8 {
+  __m256 v;
+  F8(__m256 x) : v(x) {}
+  explicit F8(float x) : v(_mm256_set1_ps(x)) {}
+  static F8 load(const float* p) { return F8(_mm256_loadu_ps(p)); }
+  friend F8 operator*(F8 a, F8 b) { return F8(_mm256_mul_ps(a.v, b.v)); }
+};
+#endif
 constexpr int64_t kGrainSize = 32768;  // elements per parallel task, as ATen's own kernels
 constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
 
@@ -55,78 +61,130 @@ void for_each_row(int64_t n, int64_t C, int64_t start, const F& f) {
   });
 }
 
-template <typename P, typename G>
-constexpr bool kVectorPath = std::is_same_v<P, float> && std::is_same_v<G, float>;
-
 const float* opt_ptr(const std::optional<at::Tensor>& t) {
   return t ? t->const_data_ptr<float>() : nullptr;
 }
 
-// Column sums of value(row, col, k) over the fragment, one double accumulator row per thread.
-template <typename V>
-at::Tensor column_sums(const at::Tensor& like, int64_t n, int64_t C, int64_t start,
-                       const V& value) {
-  at::Tensor out = at::zeros({C}, like.options().dtype(at::kFloat));
-  if (n == 0) return out;
+// Column sums over the fragment into out[C], one row of double accumulators per thread:
+// add_row(acc, i, c0, len, off) adds the terms of row i, columns [c0, c0 + len), which sit at
+// offset `off` of the fragment, into acc[0, len). The per-thread rows are combined in thread
+// order at the end.
+template <typename AddRow>
+void column_sums(int64_t n, int64_t C, int64_t start, float* out, const AddRow& add_row) {
   const int threads = at::get_num_threads();
   std::vector<double> acc(static_cast<size_t>(threads) * C, 0.0);
   for_each_row(n, C, start, [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
     double* a = acc.data() + static_cast<int64_t>(at::get_thread_num()) * C;
-    for (int64_t j = c0; j < c1; ++j) a[j] += static_cast<double>(value(i, j, off + j - c0));
+    add_row(a + c0, i, c0, c1 - c0, off);
   });
-  float* o = out.data_ptr<float>();
   for (int64_t j = 0; j < C; ++j) {
     double s = 0.0;
     for (int t = 0; t < threads; ++t) s += acc[static_cast<size_t>(t) * C + j];
-    o[j] = static_cast<float>(s);
+    out[j] = static_cast<float>(s);
   }
-  return out;
 }
 
 // ---------------------------------------------------------------------------
 at::Tensor colsum_abs_cpu(const at::Tensor& grad, int64_t C, int64_t start) {
   check_colsum_abs_args(grad, C, start, kCPU);
-  at::Tensor out;
+  at::Tensor out = at::zeros({C}, grad.options().dtype(at::kFloat));
   dispatch_float_or_bfloat16(grad.scalar_type(), "sage_dist::colsum_abs", "grad", [&](auto tag) {
     using G = decltype(tag);
     const G* g = grad.const_data_ptr<G>();
-    out = column_sums(grad, grad.numel(), C, start, [g](int64_t, int64_t, int64_t k) {
-      return std::fabs(static_cast<float>(g[k]));
-    });
+    column_sums(grad.numel(), C, start, out.data_ptr<float>(),
+                [g](double* a, int64_t, int64_t, int64_t len, int64_t off) {
+                  const G* row = g + off;
+                  for (int64_t j = 0; j < len; ++j)
+                    a[j] += static_cast<double>(std::fabs(static_cast<float>(row[j])));
+                });
   });
   return out;
 }
 
 // ---------------------------------------------------------------------------
+// sq_sums: sums of (g r c)^2 along rows (dim 1) or columns (dim 0).
+//
+// Each square is formed in fp32 by elementwise::scaled_square, then widened to double and
+// added. The loops keep kLanes independent double accumulators (a row sum) or one per
+// column (a column sum), so the compiler vectorises them without reassociating any sum:
+// every accumulator adds its terms in index order, and the lanes are combined in a fixed
+// order at the end.
+constexpr int kLanes = 8;
+
+template <typename G>
+double row_square_sum(const G* g, const float* c, float ri, int64_t len) {
+  double acc[kLanes] = {};
+  int64_t j = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<G, float>) {
+    // Four vector accumulators of 4 doubles: lane l of accumulator a takes the terms j with
+    // j % 16 == 4a + l, in order; the tail below adds to lane 0.
+    __m256d a[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(),
+                    _mm256_setzero_pd()};
+    const F8 rv(ri), one(1.f);
+    for (; j + 16 <= len; j += 16) {
+      for (int h = 0; h < 2; ++h) {
+        const F8 sq = elementwise::scaled_square(F8::load(g + j + 8 * h), rv,
+                                                 c ? F8::load(c + j + 8 * h) : one);
+        a[2 * h] = _mm256_add_pd(a[2 * h], _mm256_cvtps_pd(_mm256_castps256_ps128(sq.v)));
+        a[2 * h + 1] = _mm256_add_pd(a[2 * h + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(sq.v, 1)));
+      }
+    }
+    double lanes[16];
+    for (int h = 0; h < 4; ++h) _mm256_storeu_pd(lanes + 4 * h, a[h]);
+    for (int l = 0; l < 16; ++l) acc[l % kLanes] += lanes[l];
+  }
+#endif
+  for (; j + kLanes <= len; j += kLanes)
+    for (int l = 0; l < kLanes; ++l)
+      acc[l] += static_cast<double>(elementwise::scaled_square(
+          static_cast<float>(g[j + l]), ri, c ? c[j + l] : 1.f));
+  for (; j < len; ++j)
+    acc[0] += static_cast<double>(
+        elementwise::scaled_square(static_cast<float>(g[j]), ri, c ? c[j] : 1.f));
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+template <typename G>
+void add_column_squares(double* acc, const G* g, const float* c, float ri, int64_t len) {
+  if (c) {
+    for (int64_t j = 0; j < len; ++j)
+      acc[j] += static_cast<double>(
+          elementwise::scaled_square(static_cast<float>(g[j]), ri, c[j]));
+  } else {
+    for (int64_t j = 0; j < len; ++j)
+      acc[j] += static_cast<double>(elementwise::scaled_square(static_cast<float>(g[j]), ri, 1.f));
+  }
+}
+
+// Row sums (dim 1, length R) or column sums (dim 0, length C) of (g r c)^2 over the
+// fragment [start, start + n) of an [R, C] matrix; r, c may be null (all ones).
+template <typename G>
+void square_sums(const G* g, const float* r, const float* c, int64_t n, int64_t C,
+                 int64_t start, int64_t dim, float* out) {
+  if (dim == 1) {
+    for_each_row(n, C, start, [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
+      out[i] = static_cast<float>(
+          row_square_sum(g + off, c ? c + c0 : nullptr, r ? r[i] : 1.f, c1 - c0));
+    });
+    return;
+  }
+  column_sums(n, C, start, out, [&](double* a, int64_t i, int64_t c0, int64_t len, int64_t off) {
+    add_column_squares(a, g + off, c ? c + c0 : nullptr, r ? r[i] : 1.f, len);
+  });
+}
+
 at::Tensor sq_sums_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& r,
                        const std::optional<at::Tensor>& c, int64_t R, int64_t C, int64_t start,
                        int64_t dim) {
   check_sq_sums_args(grad, r, c, R, C, start, dim, kCPU);
-  const float* rp = opt_ptr(r);
-  const float* cp = opt_ptr(c);
-  const int64_t n = grad.numel();
-  at::Tensor out;
+  at::Tensor out = at::zeros({dim == 1 ? R : C}, grad.options().dtype(at::kFloat));
   dispatch_float_or_bfloat16(grad.scalar_type(), "sage_dist::sq_sums", "grad", [&](auto tag) {
     using G = decltype(tag);
-    const G* g = grad.const_data_ptr<G>();
-    auto value = [=](int64_t i, int64_t j, int64_t k) {
-      return elementwise::scaled_square(static_cast<float>(g[k]), rp ? rp[i] : 1.f,
-                                        cp ? cp[j] : 1.f);
-    };
-    if (dim == 0) {
-      out = column_sums(grad, n, C, start, value);
-      return;
-    }
-    out = at::zeros({R}, grad.options().dtype(at::kFloat));
-    float* o = out.data_ptr<float>();
-    for_each_row(n, C, start, [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
-      double s[4] = {0.0, 0.0, 0.0, 0.0};  // independent chains: the loop is not latency-bound
-      int64_t j = c0;
-      for (; j + 4 <= c1; j += 4)
-        for (int l = 0; l < 4; ++l) s[l] += value(i, j + l, off + j + l - c0);
-      for (; j < c1; ++j) s[0] += value(i, j, off + j - c0);
-      o[i] = static_cast<float>((s[0] + s[1]) + (s[2] + s[3]));
-    });
+    square_sums(grad.const_data_ptr<G>(), opt_ptr(r), opt_ptr(c), grad.numel(), C, start, dim,
+                out.data_ptr<float>());
   });
   return out;
 }
@@ -141,9 +199,8 @@ void sage_rows(P* param, float* m, const G* grad, const float* h, int64_t n, int
     const G* gg = grad + off;
     const float* hh = h + c0;
     const int64_t len = c1 - c0;
-    // A plain loop: GCC vectorises it (sign as two compares) about 5x faster than the same
-    // math on at::vec::Vectorized<float>, whose portable gt/lt build the sign lane by lane
-    // (measured: 14 ms against 76 ms for 16M elements; the build has no -mavx2).
+    // A plain loop: the compiler vectorises it, sign as two compares. (ATen's portable
+    // at::vec::Vectorized, which extensions get, was measured 5x slower here.)
     int64_t j = 0;
     for (; j < len; ++j) {
       float p = static_cast<float>(pp[j]);
@@ -179,19 +236,14 @@ void scaled_rows(P* param, const G* grad, const float* r, const float* c, int64_
     const G* gg = grad + off;
     const float ri = r ? r[i] : 1.f;
     const int64_t len = c1 - c0;
-    int64_t j = 0;
-    if constexpr (kVectorPath<P, G>) {
-      const Vec rv(ri), one(1.f);
-      for (; j + Vec::size() <= len; j += Vec::size()) {
-        const Vec cv = c ? Vec::loadu(c + c0 + j) : one;
-        elementwise::scaled_update(Vec::loadu(pp + j), Vec::loadu(gg + j), rv, cv, k)
-            .store(pp + j);
-      }
-    }
-    for (; j < len; ++j) {
-      const float cj = c ? c[c0 + j] : 1.f;
-      pp[j] = static_cast<P>(elementwise::scaled_update(static_cast<float>(pp[j]),
-                                                        static_cast<float>(gg[j]), ri, cj, k));
+    if (c) {
+      for (int64_t j = 0; j < len; ++j)
+        pp[j] = static_cast<P>(elementwise::scaled_update(
+            static_cast<float>(pp[j]), static_cast<float>(gg[j]), ri, c[c0 + j], k));
+    } else {
+      for (int64_t j = 0; j < len; ++j)
+        pp[j] = static_cast<P>(elementwise::scaled_update(
+            static_cast<float>(pp[j]), static_cast<float>(gg[j]), ri, 1.f, k));
     }
   });
 }

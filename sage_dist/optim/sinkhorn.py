@@ -29,19 +29,27 @@ def sinkhorn_scales(f, g: torch.Tensor, iters: int, eps: float, row_target: floa
                     col_target: float, fused: bool = False):
     """Generator: yields row then column statistics `iters` times, returns the scales (r, c).
 
+    A fragment that holds its whole parameter needs no statistic from elsewhere: it yields
+    once, empty (to take part in the engine's first phase, which checks the gradient), then
+    runs all 2L passes back to back, while g is still in cache, instead of one per phase.
     fused: each statistic is one pass of sage_dist::sq_sums over g (no temporaries)."""
     R, C, start = f.rows, f.cols, f.span.start
     r = torch.ones(R, dtype=torch.float32, device=g.device)
     c = torch.ones(C, dtype=torch.float32, device=g.device)
     g2 = None if fused else g * g
+    local = f.whole
+    if local:
+        yield []
     for _ in range(iters):
         rows = (ops.sq_sums(g, None, c, R, C, start, 1) if fused
                 else f.span.row_sum(f.span.scale(g2, col=c * c)))
-        (rows,) = yield [("row", rows)]
+        if not local:
+            (rows,) = yield [("row", rows)]
         r = _rescale(r, rows, row_target, eps)
         cols = (ops.sq_sums(g, r, None, R, C, start, 0) if fused
                 else f.span.col_sum(f.span.scale(g2, row=r * r)))
-        (cols,) = yield [("col", cols)]
+        if not local:
+            (cols,) = yield [("col", cols)]
         c = _rescale(c, cols, col_target, eps)
     return r, c
 
