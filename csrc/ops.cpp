@@ -42,6 +42,11 @@ TORCH_LIBRARY(sage_dist, m) {
   m.def(
       "scaled_update_(Tensor(a!) param, Tensor grad, Tensor? r, Tensor? c, int C, int start, "
       "float lr, float weight_decay, float step) -> ()");
+
+  // out (bf16) <- src (fp32) rounded stochastically; element k draws its random bits from
+  // (seed, offset + k), so a fragment starting at flat index `offset` rounds exactly as the
+  // same elements of the whole tensor would.
+  m.def("round_bf16_(Tensor(a!) out, Tensor src, int seed, int offset) -> ()");
 }
 
 // `import sage_dist._C` only needs to load this library (which runs the static

@@ -19,7 +19,7 @@ if [ -z "${CUDA_HOME:-}" ]; then
     if [ -x "$d/bin/nvcc" ]; then export CUDA_HOME="$d"; break; fi
   done
 fi
-stamp_of() { cat requirements.txt setup.py $(find csrc -type f | sort) | sha256sum | cut -c1-16; }
+stamp_of() { { cat requirements.txt setup.py $(find csrc -type f | sort); echo "${SAGE_DIST_CPU_ARCH:-auto} ${SAGE_DIST_NO_CUDA:-}"; } | sha256sum | cut -c1-16; }
 STAMP=".venv/.sage_dist-$(stamp_of)"
 if [ ! -f "$STAMP" ]; then
   t0=$(date +%s)

@@ -430,7 +430,8 @@ def _spec(rule: str, shape):
 class _Acc:
     """Per-rank accumulator with the record's layout."""
 
-    def __init__(self):
+    def __init__(self, state_elem_bytes: int = 4):
+        self.state_elem_bytes = state_elem_bytes  # elementwise state: fp32 or bf16
         self.params: dict = {}
         self.grads = 0
         self.master = 0
@@ -449,7 +450,7 @@ class _Acc:
         elementwise keys x elem_numel floats; replicated entries summed over members; one
         fp32 step per member when any spec keeps a step."""
         keys = set().union(*(s.elementwise for s in specs)) if specs else set()
-        self.add_state(rule, "elementwise", len(keys) * elem_numel * FP32)
+        self.add_state(rule, "elementwise", len(keys) * elem_numel * self.state_elem_bytes)
         rep = sum(sum(s.replicated.values()) for s in specs)
         if any(s.step for s in specs):
             rep += members
@@ -477,7 +478,7 @@ def _round_up(n: int, k: int) -> int:
 
 def estimate_ranks(model, world: int, engine: str = "deepspeed", zero: int = 2,
                    recipe: str = "sage-hybrid", bf16: bool = False, offload: bool = False, *,
-                   head: str = "sage", overrides=None,
+                   head: str = "sage", overrides=None, state_dtype="float32",
                    sub_group_size: int = DS_SUB_GROUP_SIZE,
                    persistence_threshold: int = DS_PERSISTENCE_THRESHOLD) -> list[dict]:
     """Every rank's estimated record (same keys as `measure`), from shapes only.
@@ -487,7 +488,11 @@ def estimate_ranks(model, world: int, engine: str = "deepspeed", zero: int = 2,
     (DeepSpeed 0.19 defaults: no round-robin gradients, no parameter_alignment, default
     sub_group_size and stage3_param_persistence_threshold). bf16: DeepSpeed's bf16 mode (16-bit
     parameters and gradients, fp32 master); offload: DeepSpeed's offload_optimizer to CPU.
+    state_dtype: the optimizer's elementwise state ('float32' or 'bfloat16', as
+    RoutedOptimizer's option of that name).
     """
+    from .optim.optimizer import parse_state_dtype
+    state_elem_bytes = torch.empty((), dtype=parse_state_dtype(state_dtype)).element_size()
     shapes = model if isinstance(model, ModelShapes) else model_shapes(model, recipe, head, overrides)
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is invalid: allowed are {', '.join(ENGINES)}")
@@ -504,7 +509,7 @@ def estimate_ranks(model, world: int, engine: str = "deepspeed", zero: int = 2,
     host = "host" if offload else "device"
     location = {"parameters": "device", "gradients": host if ds else "device",
                 "master_weights": host, "optimizer_state": host}
-    accs = [_Acc() for _ in range(world)]
+    accs = [_Acc(state_elem_bytes) for _ in range(world)]
 
     for rule, params in shapes.groups:
         specs = [_spec(rule, p.shape) for p in params]

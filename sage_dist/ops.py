@@ -45,7 +45,7 @@ def _kernel_devices(qualname: str) -> frozenset[str]:
 
 # Computed once at import: a constant set is also what torch.compile can trace through.
 _LION_DEVICES = _kernel_devices("sage_dist::lion_update_")
-FRAGMENT_OPS = ("colsum_abs", "sq_sums", "sage_update_", "scaled_update_")
+FRAGMENT_OPS = ("colsum_abs", "sq_sums", "sage_update_", "scaled_update_", "round_bf16_")
 _FRAGMENT_DEVICES = {op: _kernel_devices(f"sage_dist::{op}") for op in FRAGMENT_OPS}
 
 # The rules call the fused ops unless this is off (SAGE_DIST_FUSED=0 in the environment, or
@@ -223,10 +223,10 @@ def _check_sq_sums_args(grad, r, c, R, C, start, dim):
         _check_vector(op, "c", c, grad, C)
 
 
-def _check_same_numel(op, name, t, param):
+def _check_same_numel(op, name, t, param, ref_name="param"):
     if t.numel() != param.numel():
         raise RuntimeError(
-            f"{op}: {name} has {t.numel()} elements (sizes {list(t.shape)}) but param has "
+            f"{op}: {name} has {t.numel()} elements (sizes {list(t.shape)}) but {ref_name} has "
             f"{param.numel()} (sizes {list(param.shape)}); they must have the same number "
             "of elements")
 
@@ -357,6 +357,70 @@ def scaled_update_(param, grad, r, c, C: int, start: int, lr: float, weight_deca
 
 
 # --------------------------------------------------------------------------------------
+# Stochastic rounding to bf16 (elementwise.h: random_bits, bf16_bits_stochastic)
+# --------------------------------------------------------------------------------------
+def _check_round_bf16_args(out, src, offset):
+    op = "sage_dist::round_bf16_"
+    if out.dtype != torch.bfloat16:
+        raise RuntimeError(f"{op}: out has dtype {out.dtype}; allowed: BFloat16")
+    if src.dtype != torch.float32:
+        raise RuntimeError(f"{op}: src has dtype {src.dtype}; allowed: Float")
+    if offset < 0:
+        raise RuntimeError(f"{op}: offset={offset} is invalid; allowed: offset >= 0")
+    _check_same_numel(op, "src", src, out, "out")
+    if src.device != out.device:
+        raise RuntimeError(f"{op}: src is on {src.device} but out is on {out.device}; "
+                           f"all tensors must be on one device")
+    for name, t in (("out", out), ("src", src)):
+        if not t.is_contiguous():
+            raise RuntimeError(f"{op}: {name} must be contiguous")
+
+
+def _u64(x: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 holding uint64 bits."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def random_bits_reference(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """elementwise.h random_bits on int64 tensors (wrapping arithmetic): uint32 in int64."""
+    z = index * _u64(0x9E3779B97F4A7C15) ^ _u64(seed & ((1 << 64) - 1))
+    z = (z ^ _shr(z, 30)) * _u64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _u64(0x94D049BB133111EB)
+    return _shr(z ^ _shr(z, 31), 32)
+
+
+@torch.no_grad()
+def round_bf16_reference(out, src, seed, offset):
+    """out <- src rounded to bf16 stochastically, bit for bit as the kernels."""
+    _check_round_bf16_args(out, src, offset)
+    x = src.reshape(-1)
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device) + offset
+    rand = random_bits_reference(seed, index) & 0xFFFF
+    b = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    special = (b & 0x7F800000) == 0x7F800000
+    nan_quiet = torch.where((b & 0x007FFFFF) != 0, 0x0040, 0)
+    top = torch.where(special, (b >> 16) | nan_quiet, ((b + rand) >> 16) & 0xFFFF)
+    top = torch.where(top >= 1 << 15, top - (1 << 16), top)  # as int16 bits
+    out.copy_(top.to(torch.int16).view(torch.bfloat16).view_as(out))
+
+
+def round_bf16_(out: torch.Tensor, src: torch.Tensor, seed: int, offset: int = 0) -> None:
+    """out (bf16) <- src (fp32) with stochastic rounding; element k uses the random bits of
+    (seed, offset + k), so any fragment of a tensor rounds as the whole tensor would."""
+    args = (out, src, int(seed), int(offset))
+    if _use_kernel("round_bf16_", out):
+        with torch.no_grad():
+            torch.ops.sage_dist.round_bf16_(*args)
+    else:
+        round_bf16_reference(*args)
+
+
+# --------------------------------------------------------------------------------------
 # Fake kernels: checks only (the ops return nothing; they mutate their inputs in place).
 # --------------------------------------------------------------------------------------
 if HAS_EXTENSION:
@@ -385,4 +449,9 @@ if HAS_EXTENSION:
     @torch.library.register_fake("sage_dist::scaled_update_")
     def _scaled_update_fake(param, grad, r, c, C, start, lr, weight_decay, step):
         _check_scaled_update_args(param, grad, r, c, C, start)
+        return None
+
+    @torch.library.register_fake("sage_dist::round_bf16_")
+    def _round_bf16_fake(out, src, seed, offset):
+        _check_round_bf16_args(out, src, offset)
         return None

@@ -178,6 +178,7 @@ def opcheck_cases():
                            0.0, False)
     yield "scaled_update_", (t["param"], t["grad"], t["r"], t["c"], C, 45, 0.01, 0.1, 0.1)
     yield "scaled_update_", (tb["param"], tb["grad"], None, tb["c"], C, 70, 0.01, 0.0, 0.1)
+    yield "round_bf16_", (torch.empty(120, dtype=torch.bfloat16), t["grad"][:120].clone(), 7, 45)
 
 
 @needs_ext

@@ -107,16 +107,19 @@ def test_gather_table_on_rank0(measured):
 
 
 # -- one process --------------------------------------------------------------------------
-@pytest.mark.parametrize("recipe", ["sage-hybrid", "sage", "sinkgd-hybrid", "scale", "lion",
-                                    "adamw"])
-def test_local_measure_equals_estimate(recipe):
+@pytest.mark.parametrize("recipe, state_dtype", [
+    ("sage-hybrid", "float32"), ("sage", "float32"), ("sinkgd-hybrid", "float32"),
+    ("scale", "float32"), ("lion", "float32"), ("adamw", "float32"),
+    ("sage-hybrid", "bfloat16"), ("lion", "bfloat16")])
+def test_local_measure_equals_estimate(recipe, state_dtype):
     import sage_dist
     cfg = cases.model_config("tiny")
     model = cases.build_model(cfg)
-    opt = sage_dist.build_optimizer(model, recipe)
+    opt = sage_dist.build_optimizer(model, recipe, state_dtype=state_dtype)
     x = cases.batch(0, 0, cfg.vocab_size)
     model(x, labels=x).loss.backward()
-    got, est = M.measure(model, opt), M.estimate(cfg, 1, "local", recipe=recipe)
+    got = M.measure(model, opt)
+    est = M.estimate(cfg, 1, "local", recipe=recipe, state_dtype=state_dtype)
     for key in ("parameters", "gradients", "master_weights", "optimizer_state", "total"):
         assert got[key] == est[key], key
     assert {k: got["optimizer_state"][k] for k in ("elementwise", "replicated", "total")} \

@@ -1,8 +1,11 @@
 """RoutedOptimizer: one torch.optim.Optimizer whose param groups each name their rule."""
 from __future__ import annotations
 
+import zlib
+
 import torch
 
+from .. import ops
 from ..shard.fragment import global_shape
 from ..shard.layout import make_layout
 from .base import NONFINITE_MODES
@@ -19,13 +22,32 @@ class RoutedOptimizer(torch.optim.Optimizer):
     nonfinite: 'skip' leaves a parameter whose gradient holds NaN/Inf (and its state)
     untouched for the step and counts it in `nonfinite_count`; 'raise' raises
     FloatingPointError before anything changes.
+
+    Precision (both off by default): the math is always fp32. `state_dtype=torch.bfloat16`
+    stores the elementwise state (momenta) in bf16, half the bytes; each step upcasts it,
+    updates, and writes it back rounded. `stochastic_rounding=True` rounds every bf16 write
+    (bf16 parameters, bf16 state) stochastically instead of to nearest, so updates smaller
+    than half a bf16 step survive on average. Its random bits depend only on
+    (`rounding_seed`, step, parameter name, flat index), not on the sharding, so sharded runs
+    still match one process exactly.
     """
 
     def __init__(self, params, defaults: dict | None = None, *, nonfinite: str = "skip",
-                 layout=None, defer_state: bool = False):
+                 layout=None, defer_state: bool = False, state_dtype=torch.float32,
+                 stochastic_rounding: bool = False, rounding_seed: int = 0):
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r} is invalid: allowed are "
                              f"{', '.join(map(repr, NONFINITE_MODES))}")
+        self.state_dtype = parse_state_dtype(state_dtype)
+        if not isinstance(stochastic_rounding, bool):
+            raise ValueError(f"stochastic_rounding={stochastic_rounding!r} is invalid: allowed "
+                             f"is True or False")
+        if not isinstance(rounding_seed, int) or isinstance(rounding_seed, bool) \
+                or not 0 <= rounding_seed < 2 ** 63:
+            raise ValueError(f"rounding_seed={rounding_seed!r} is invalid: allowed is an "
+                             f"integer in [0, 2**63)")
+        self.stochastic_rounding = stochastic_rounding
+        self.rounding_seed = rounding_seed
         self.nonfinite = nonfinite
         self.nonfinite_count = 0
         # For engines that re-partition parameters (DeepSpeed): state is created by
@@ -44,8 +66,9 @@ class RoutedOptimizer(torch.optim.Optimizer):
         for key, value in {**rule.defaults, **self.defaults}.items():
             group.setdefault(key, value)
         group["rule"] = rule_name
+        group.setdefault("round_step", 0)  # steps taken, for stochastic rounding's seeds
         allowed = set(rule.defaults) | {"rule", "params", "param_names", "name", "peak_lr",
-                                        "initial_lr"} | set(self.defaults)
+                                        "initial_lr", "round_step"} | set(self.defaults)
         unknown = sorted(set(group) - allowed)
         if unknown:
             raise ValueError(f"{where}{unknown[0]} is not a hyperparameter of rule "
@@ -81,7 +104,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
             rule = get_rule(group["rule"])
             for p in group["params"]:
                 if not self.state.get(p):
-                    self.state[p] = self.layout.new_state(p, rule)
+                    self.state[p] = self.layout.new_state(p, rule, self.state_dtype)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state keeps its saved dtype (fp32).
@@ -125,9 +148,32 @@ class RoutedOptimizer(torch.optim.Optimizer):
             g = f.grad.float()
             p = f.data if f.data.dtype == torch.float32 else f.data.float()
             st = self.layout.state_views(f, self.state[entry], rule)
-            runs.append([f, p, rule.run(f, p, g, st, group), g])
+            # Low-precision state: the rule works on fp32 copies, written back when it ends.
+            low = {k: v for k, v in st.items() if v.dtype != torch.float32 and v.dim() > 0}
+            if low:
+                st = {**st, **{k: v.float() for k, v in low.items()}}
+            runs.append([f, p, rule.run(f, p, g, st, group), g, st, low, group])
         self._run_phases(runs)
+        for group in self.param_groups:  # (a checkpoint from before this key lacks it)
+            group["round_step"] = group.get("round_step", 0) + 1
         return loss
+
+    def _write_back(self, run) -> None:
+        """Store a finished fragment's fp32 results into its low-precision storage."""
+        f, p, _, _, st, low, group = run
+        if p is not f.data:
+            self._store(f.data, p, f, "param", group)
+        for key, dst in low.items():
+            self._store(dst, st[key], f, key, group)
+
+    def _store(self, dst, src, f, what: str, group) -> None:
+        if not (self.stochastic_rounding and dst.dtype == torch.bfloat16):
+            dst.copy_(src)
+            return
+        # A seed per (run seed, step, parameter, tensor); the flat index does the rest.
+        key = zlib.crc32(f"{f.name}/{what}".encode())
+        seed = hash_seed(self.rounding_seed, group.get("round_step", 0), key)
+        ops.round_bf16_(dst, src, seed, f.span.start)
 
     def attach_deepspeed(self, engine) -> None:
         """Switch to DeepSpeed's ZeRO partitions after deepspeed.initialize wrapped us."""
@@ -140,7 +186,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
             group.pop("param_names", None)
         self.state.clear()
         for flat, rule in self.state_entries():
-            self.state[flat] = layout.new_state(flat, rule)
+            self.state[flat] = layout.new_state(flat, rule, self.state_dtype)
         self._defer_state = False
 
     def state_entries(self):
@@ -184,7 +230,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
         reducer = self.layout.reducer
         # Phase 0 carries one finiteness flag per parameter beside the rules' first statistics.
         requests = []
-        for f, p, gen, g in runs:
+        for f, p, gen, g, *_ in runs:
             requests.append([("scalar", _nonfinite_flag(g))] + next(gen))
         first = True
         while runs:
@@ -198,9 +244,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
                     requests.append(run[2].send(ans))
                     next_runs.append(run)
                 except StopIteration:
-                    f, p = run[0], run[1]
-                    if p is not f.data:
-                        f.data.copy_(p)
+                    self._write_back(run)
             runs = next_runs
 
     def _drop_nonfinite(self, runs, answers):
@@ -233,3 +277,27 @@ def _nonfinite_flag(g: torch.Tensor) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.float32, device=g.device)
     lo, hi = torch.aminmax(g)
     return (~torch.isfinite(torch.stack([lo, hi]))).any().float().reshape(1)
+
+
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_state_dtype(value) -> torch.dtype:
+    """torch.float32 / torch.bfloat16, or their names (as config files give them)."""
+    if isinstance(value, str) and value in STATE_DTYPES:
+        return STATE_DTYPES[value]
+    if value in STATE_DTYPES.values():
+        return value
+    raise ValueError(f"state_dtype={value!r} is invalid: allowed are 'float32', 'bfloat16' "
+                     f"(or torch.float32, torch.bfloat16)")
+
+
+def hash_seed(*words: int) -> int:
+    """Mix integers into one 63-bit seed (SplitMix64 steps, as the kernels' random_bits)."""
+    z = 0
+    for w in words:
+        z = (z ^ (w & (2 ** 64 - 1))) + 0x9E3779B97F4A7C15 & (2 ** 64 - 1)
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & (2 ** 64 - 1)
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & (2 ** 64 - 1)
+        z ^= z >> 31
+    return z >> 1

@@ -194,7 +194,9 @@ def param_groups(model: nn.Module, recipe="sage-hybrid", lr=None, overrides=None
 
 def build_optimizer(model: nn.Module, recipe: str = "sage-hybrid", lr: float | None = None, *,
                     overrides=None, head: str = "sage", nonfinite: str = "skip",
-                    defer_state: bool = False, **hyperparameters) -> RoutedOptimizer:
+                    defer_state: bool = False, state_dtype=torch.float32,
+                    stochastic_rounding: bool = False, rounding_seed: int = 0,
+                    **hyperparameters) -> RoutedOptimizer:
     """One torch.optim.Optimizer for the whole model, routed by `recipe`.
 
     lr=None takes the recipe's default. Other keywords are hyperparameters of the recipe's
@@ -203,11 +205,14 @@ def build_optimizer(model: nn.Module, recipe: str = "sage-hybrid", lr: float | N
     that matches wins. `head` ('sage', 'auto' or 'sinkhorn') routes an untied output head under
     sage-hybrid. `defer_state=True` is for engines that re-partition the parameters
     (DeepSpeed): state is created for the partitions later, never for the full tensors.
+    `state_dtype`, `stochastic_rounding` and `rounding_seed`: see RoutedOptimizer (precision).
     """
     groups = param_groups(model, recipe, lr, overrides, head, **hyperparameters)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    opt = RoutedOptimizer(groups, nonfinite=nonfinite, defer_state=defer_state)
+    opt = RoutedOptimizer(groups, nonfinite=nonfinite, defer_state=defer_state,
+                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                          rounding_seed=rounding_seed)
     opt.recipe = get_recipe(recipe).name
     return opt
 

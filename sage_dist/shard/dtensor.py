@@ -97,8 +97,8 @@ class DTensorLayout(Layout):
                          span=Span(R, C, start, end), data=local.view(-1), grad=grad,
                          whole=whole, rows_local=len(shape) >= 2)]
 
-    def new_elementwise(self, p: DTensor) -> DTensor:
-        local = torch.zeros_like(p.to_local(), dtype=torch.float32)
+    def new_elementwise(self, p: DTensor, dtype=torch.float32) -> DTensor:
+        local = torch.zeros_like(p.to_local(), dtype=dtype)
         return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
                                   shape=p.shape, stride=p.stride())
 

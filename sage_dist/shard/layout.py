@@ -25,22 +25,22 @@ class Layout:
     def fragments(self, entry: torch.Tensor, name: str) -> list[Fragment]:
         raise NotImplementedError
 
-    def new_elementwise(self, p: torch.Tensor) -> torch.Tensor:
-        """Zero fp32 state holding one value per element of `p`, placed like `p`."""
-        return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+    def new_elementwise(self, p: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """Zero state (fp32 unless asked) holding one value per element of `p`, placed like `p`."""
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
 
     def local_flat(self, t: torch.Tensor) -> torch.Tensor:
         """The flat local view of an elementwise state tensor (shares its storage)."""
         return t.view(-1)
 
-    def new_state(self, entry: torch.Tensor, rule) -> dict:
+    def new_state(self, entry: torch.Tensor, rule, dtype=torch.float32) -> dict:
         shape = global_shape(entry)
         spec = rule.state_spec(shape, *matrix_shape(shape))
         st = {}
         if spec.step:
             st["step"] = torch.zeros((), dtype=torch.float32)
         for key in spec.elementwise:
-            st[key] = self.new_elementwise(entry)
+            st[key] = self.new_elementwise(entry, dtype)
         for key, n in spec.replicated.items():
             st[key] = torch.zeros(n, dtype=torch.float32, device=entry.device)
         return st

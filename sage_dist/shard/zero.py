@@ -170,7 +170,7 @@ class ZeroLayout(Layout):
     def _specs(self, e: FlatEntry, rule):
         return [rule.state_spec(m.shape, *matrix_shape(m.shape)) for m in e.members]
 
-    def new_state(self, flat: torch.Tensor, rule) -> dict:
+    def new_state(self, flat: torch.Tensor, rule, dtype=torch.float32) -> dict:
         e = self.entry(flat)
         specs = self._specs(e, rule)
         elem = set().union(*(s.elementwise for s in specs)) if specs else set()
@@ -187,7 +187,7 @@ class ZeroLayout(Layout):
         if any(s.step for s in specs):
             st["step"] = torch.zeros(len(e.members), dtype=torch.float32)
         for key in sorted(elem):
-            st[key] = torch.zeros_like(flat, dtype=torch.float32)
+            st[key] = torch.zeros_like(flat, dtype=dtype)
         for key, n in rep.items():
             st[key] = torch.zeros(n, dtype=torch.float32, device=flat.device)
         return st

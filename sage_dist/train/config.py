@@ -36,6 +36,8 @@ class TrainConfig:
     engine: str = "single"  # deepspeed | fsdp2 | ddp | single
     deepspeed_config: str | None = None  # DeepSpeed JSON (engine=deepspeed), naming our recipe
     bf16: bool = False  # bf16 mixed precision (fp32 master weights and optimizer state)
+    state_dtype: str = "float32"  # the optimizer's elementwise state: float32 | bfloat16
+    stochastic_rounding: bool = False  # round bf16 writes (state, bf16 params) stochastically
     seed: int = 0
     # data
     data: str = "embedded"  # "embedded" (stdlib docstrings), a text/JSONL file or directory,
@@ -206,6 +208,8 @@ def validate(cfg: TrainConfig) -> None:
     _need(cfg.seq_len >= 2, "seq_len", cfg.seq_len, "must be >= 2")
     _need(cfg.engine in ENGINES, "engine", cfg.engine, f"allowed: {', '.join(ENGINES)}")
     _need(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "allowed: auto, cpu, cuda")
+    _need(cfg.state_dtype in ("float32", "bfloat16"), "state_dtype", cfg.state_dtype,
+          "allowed: float32, bfloat16")
     if cfg.lr is not None:
         _need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a positive number")
     if cfg.weight_decay is not None:

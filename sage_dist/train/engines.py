@@ -48,6 +48,11 @@ def optimizer_kwargs(cfg: TrainConfig) -> dict:
         kw["lr"] = cfg.lr
     if cfg.weight_decay is not None:
         kw["weight_decay"] = cfg.weight_decay
+    if cfg.state_dtype != "float32":
+        kw["state_dtype"] = cfg.state_dtype
+    if cfg.stochastic_rounding:
+        kw["stochastic_rounding"] = True
+        kw["rounding_seed"] = cfg.seed
     return kw
 
 

@@ -72,6 +72,22 @@ inline void check_lion_args(const at::Tensor& param, const at::Tensor& exp_avg,
   check_contiguous(grad, op, "grad");
 }
 
+// Checks shared by every round_bf16_ kernel.
+inline void check_round_bf16_args(const at::Tensor& out, const at::Tensor& src, int64_t offset,
+                                  c10::DeviceType device_type) {
+  constexpr const char* op = "sage_dist::round_bf16_";
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16, op, ": out has dtype ", out.scalar_type(),
+              "; allowed: BFloat16");
+  TORCH_CHECK(src.scalar_type() == at::kFloat, op, ": src has dtype ", src.scalar_type(),
+              "; allowed: Float");
+  TORCH_CHECK(offset >= 0, op, ": offset=", offset, " is invalid; allowed: offset >= 0");
+  check_same_numel(out, "out", src, op, "src");
+  check_device(out, "out", out, op, "out", device_type);
+  check_device(out, "out", src, op, "src", device_type);
+  check_contiguous(out, op, "out");
+  check_contiguous(src, op, "src");
+}
+
 // ---------------------------------------------------------------------------
 // Fragment ops: a fragment is elements [start, start + n) of the row-major flat index of
 // a global [R, C] matrix; element k sits at row (start + k) / C, column (start + k) % C.

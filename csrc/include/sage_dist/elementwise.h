@@ -16,6 +16,9 @@
 #define SD_HOST_DEVICE
 #endif
 
+#include <cstdint>
+#include <cstring>
+
 namespace sage_dist {
 namespace elementwise {
 
@@ -141,6 +144,47 @@ SD_HOST_DEVICE inline T scaled_square(T g, T r, T c) {
   T x = g * r;
   x = x * c;
   return x * x;
+}
+
+// ---------------------------------------------------------------------------
+// Stochastic rounding fp32 -> bf16 (optional write-back of bf16 parameters and state).
+//
+// A bf16 value is the top 16 bits of an fp32. Adding a uniform random 16-bit integer to the
+// low 16 bits and truncating rounds the magnitude up with probability (dropped bits) / 2^16:
+// the expected result is x itself, so updates smaller than half a bf16 step still count on
+// average instead of always vanishing under round-to-nearest. Inf and NaN are kept (NaN
+// quietened). Finite values above the largest bf16 may round up to Inf, as they would under
+// round-to-nearest.
+//
+// The random bits of element `index` are a counter-based hash of (seed, index), the
+// SplitMix64 finaliser (Steele, Lea, Flood, "Fast splittable pseudorandom number
+// generators", OOPSLA 2014), so they do not depend on the device, the thread layout or on
+// how the index range is split into fragments.
+// ---------------------------------------------------------------------------
+SD_HOST_DEVICE inline uint32_t random_bits(uint64_t seed, uint64_t index) {
+  uint64_t z = seed ^ (index * 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
+}
+
+SD_HOST_DEVICE inline uint32_t float_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+#endif
+}
+
+// The bf16 bit pattern of x rounded stochastically with the random word `rand`.
+SD_HOST_DEVICE inline uint16_t bf16_bits_stochastic(float x, uint32_t rand) {
+  uint32_t b = float_bits(x);
+  if ((b & 0x7F800000u) == 0x7F800000u)  // Inf or NaN: no rounding
+    return static_cast<uint16_t>((b >> 16) | ((b & 0x007FFFFFu) ? 0x0040u : 0u));
+  b += rand & 0xFFFFu;
+  return static_cast<uint16_t>(b >> 16);
 }
 
 }  // namespace elementwise
