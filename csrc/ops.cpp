@@ -26,10 +26,13 @@ TORCH_LIBRARY(sage_dist, m) {
   // SAGE (spec §1): partial column sums of |grad|, fp32, length C.
   m.def("colsum_abs(Tensor grad, int C, int start) -> Tensor");
 
-  // Sinkhorn / SinkGD / SCALE (spec §2-4): partial sums of (grad[i,j] r[i] c[j])^2 along
+  // Sinkhorn / SinkGD / SCALE (spec §2-4): partial sums of (x[i,j] r[i] c[j])^2 along
   // dim 1 (one per row, length R) or dim 0 (one per column, length C); r, c fp32 or None (1).
+  // x is grad, or, given the momentum m (fp32), SCALE's head momentum beta m + (1 - beta) grad
+  // formed on the fly (m is not written).
   m.def(
-      "sq_sums(Tensor grad, Tensor? r, Tensor? c, int R, int C, int start, int dim) -> Tensor");
+      "sq_sums(Tensor grad, Tensor? r, Tensor? c, int R, int C, int start, int dim, "
+      "Tensor? m=None, float beta=0.) -> Tensor");
 
   // SAGE (spec §1): weight decay, momentum, sign and damped update in one pass;
   // h is the per-column damper H (length C, fp32).
@@ -42,6 +45,12 @@ TORCH_LIBRARY(sage_dist, m) {
   m.def(
       "scaled_update_(Tensor(a!) param, Tensor grad, Tensor? r, Tensor? c, int C, int start, "
       "float lr, float weight_decay, float step) -> ()");
+
+  // SCALE's head (spec §4): m <- beta m + (1 - beta) grad, then scaled_update_ with m in
+  // place of grad, in one pass.
+  m.def(
+      "momentum_scaled_update_(Tensor(a!) param, Tensor(b!) m, Tensor grad, Tensor? r, "
+      "Tensor? c, int C, int start, float beta, float lr, float weight_decay, float step) -> ()");
 
   // out (bf16) <- src (fp32) rounded stochastically; element k draws its random bits from
   // (seed, offset + k), so a fragment starting at flat index `offset` rounds exactly as the

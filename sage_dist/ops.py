@@ -45,7 +45,8 @@ def _kernel_devices(qualname: str) -> frozenset[str]:
 
 # Computed once at import: a constant set is also what torch.compile can trace through.
 _LION_DEVICES = _kernel_devices("sage_dist::lion_update_")
-FRAGMENT_OPS = ("colsum_abs", "sq_sums", "sage_update_", "scaled_update_", "round_bf16_")
+FRAGMENT_OPS = ("colsum_abs", "sq_sums", "sage_update_", "scaled_update_",
+                "momentum_scaled_update_", "round_bf16_")
 _FRAGMENT_DEVICES = {op: _kernel_devices(f"sage_dist::{op}") for op in FRAGMENT_OPS}
 
 # The rules call the fused ops unless this is off (SAGE_DIST_FUSED=0 in the environment, or
@@ -206,8 +207,15 @@ def _check_colsum_abs_args(grad, C, start):
     _check_geometry(op, C, start)
 
 
-def _check_sq_sums_args(grad, r, c, R, C, start, dim):
+def _check_momentum(op, m, ref, ref_name):
+    _check_state(op, "m", m, ref, ref_name)
+    _check_same_numel(op, "m", m, ref, ref_name)
+
+
+def _check_sq_sums_args(grad, r, c, R, C, start, dim, m=None):
     op = "sage_dist::sq_sums"
+    if m is not None:
+        _check_momentum(op, m, grad, "grad")
     _check_fragment_tensor(op, "grad", grad)
     _check_geometry(op, C, start)
     if R < 1:
@@ -242,8 +250,7 @@ def _check_sage_update_args(param, m, grad, h, C, start):
     _check_vector(op, "h", h, param, C)
 
 
-def _check_scaled_update_args(param, grad, r, c, C, start):
-    op = "sage_dist::scaled_update_"
+def _check_scaled_update_args(param, grad, r, c, C, start, op="sage_dist::scaled_update_"):
     _check_fragment_tensor(op, "param", param)
     _check_fragment_tensor(op, "grad", grad, param)
     _check_same_numel(op, "grad", grad, param)
@@ -255,6 +262,12 @@ def _check_scaled_update_args(param, grad, r, c, C, start):
                                f"{(start + param.numel() - 1) // C}")
     if c is not None:
         _check_vector(op, "c", c, param, C)
+
+
+def _check_momentum_scaled_update_args(param, m, grad, r, c, C, start):
+    op = "sage_dist::momentum_scaled_update_"
+    _check_scaled_update_args(param, grad, r, c, C, start, op)
+    _check_momentum(op, m, param, "param")
 
 
 def _span(n, C, start, R=None):
@@ -270,11 +283,17 @@ def colsum_abs_reference(grad, C, start):
     return _span(grad.numel(), C, start).col_sum(grad.reshape(-1).float().abs())
 
 
+def _momentum(m, grad, beta):
+    """SCALE's head momentum beta m + (1 - beta) g, fp32, as the rule writes it."""
+    return m.reshape(-1) * beta + grad.reshape(-1).float() * (1 - beta)
+
+
 @torch.no_grad()
-def sq_sums_reference(grad, r, c, R, C, start, dim):
-    _check_sq_sums_args(grad, r, c, R, C, start, dim)
+def sq_sums_reference(grad, r, c, R, C, start, dim, m=None, beta=0.0):
+    _check_sq_sums_args(grad, r, c, R, C, start, dim, m)
     span = _span(grad.numel(), C, start, R)
-    x = span.scale(grad.reshape(-1).float(), row=r, col=c)
+    x = grad.reshape(-1).float() if m is None else _momentum(m, grad, beta)
+    x = span.scale(x, row=r, col=c)
     x = x * x
     return span.col_sum(x) if dim == 0 else span.row_sum(x)
 
@@ -309,6 +328,19 @@ def scaled_update_reference(param, grad, r, c, C, start, lr, weight_decay, step)
     param.copy_(p.view_as(param))
 
 
+@torch.no_grad()
+def momentum_scaled_update_reference(param, m, grad, r, c, C, start, beta, lr, weight_decay,
+                                     step):
+    """m <- beta m + (1 - beta) grad; param <- param (1 - lr wd) - step (m r c)."""
+    _check_momentum_scaled_update_args(param, m, grad, r, c, C, start)
+    x = _momentum(m, grad, beta)
+    m.copy_(x.view_as(m))
+    span = _span(param.numel(), C, start)
+    p = param.reshape(-1).float() * (1.0 - lr * weight_decay)
+    p = p - step * span.scale(x, row=r, col=c)
+    param.copy_(p.view_as(param))
+
+
 def _use_kernel(op: str, t: torch.Tensor) -> bool:
     if t.device.type in _FRAGMENT_DEVICES[op]:
         return True
@@ -324,10 +356,12 @@ def colsum_abs(grad: torch.Tensor, C: int, start: int) -> torch.Tensor:
 
 
 def sq_sums(grad: torch.Tensor, r: torch.Tensor | None, c: torch.Tensor | None, R: int, C: int,
-            start: int, dim: int) -> torch.Tensor:
-    """Partial sums of (grad[i,j] r[i] c[j])^2 over a fragment: per row (dim=1, length R) or
-    per column (dim=0, length C). r, c: fp32 scale vectors, or None for 1."""
-    args = (grad, r, c, int(R), int(C), int(start), int(dim))
+            start: int, dim: int, m: torch.Tensor | None = None,
+            beta: float = 0.0) -> torch.Tensor:
+    """Partial sums of (x[i,j] r[i] c[j])^2 over a fragment: per row (dim=1, length R) or
+    per column (dim=0, length C). r, c: fp32 scale vectors, or None for 1. x is grad, or with
+    the momentum m given, beta m + (1 - beta) grad (formed on the fly; m is not written)."""
+    args = (grad, r, c, int(R), int(C), int(start), int(dim), m, float(beta))
     if _use_kernel("sq_sums", grad):
         return torch.ops.sage_dist.sq_sums(*args)
     return sq_sums_reference(*args)
@@ -354,6 +388,19 @@ def scaled_update_(param, grad, r, c, C: int, start: int, lr: float, weight_deca
             torch.ops.sage_dist.scaled_update_(*args)
     else:
         scaled_update_reference(*args)
+
+
+def momentum_scaled_update_(param, m, grad, r, c, C: int, start: int, beta: float, lr: float,
+                            weight_decay: float, step: float) -> None:
+    """SCALE's head in one pass: m <- beta m + (1 - beta) grad, then
+    param <- param (1 - lr wd) - step (m r c), in place on param and m (fp32)."""
+    args = (param, m, grad, r, c, int(C), int(start), float(beta), float(lr),
+            float(weight_decay), float(step))
+    if _use_kernel("momentum_scaled_update_", param):
+        with torch.no_grad():
+            torch.ops.sage_dist.momentum_scaled_update_(*args)
+    else:
+        momentum_scaled_update_reference(*args)
 
 
 # --------------------------------------------------------------------------------------
@@ -436,8 +483,8 @@ if HAS_EXTENSION:
         return grad.new_empty((C,), dtype=torch.float32)
 
     @torch.library.register_fake("sage_dist::sq_sums")
-    def _sq_sums_fake(grad, r, c, R, C, start, dim):
-        _check_sq_sums_args(grad, r, c, R, C, start, dim)
+    def _sq_sums_fake(grad, r, c, R, C, start, dim, m=None, beta=0.0):
+        _check_sq_sums_args(grad, r, c, R, C, start, dim, m)
         return grad.new_empty((C if dim == 0 else R,), dtype=torch.float32)
 
     @torch.library.register_fake("sage_dist::sage_update_")
@@ -454,4 +501,10 @@ if HAS_EXTENSION:
     @torch.library.register_fake("sage_dist::round_bf16_")
     def _round_bf16_fake(out, src, seed, offset):
         _check_round_bf16_args(out, src, offset)
+        return None
+
+    @torch.library.register_fake("sage_dist::momentum_scaled_update_")
+    def _momentum_scaled_update_fake(param, m, grad, r, c, C, start, beta, lr, weight_decay,
+                                     step):
+        _check_momentum_scaled_update_args(param, m, grad, r, c, C, start)
         return None

@@ -84,6 +84,23 @@ def test_sq_sums(frag, dtype, scales, dim):
                                rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("frag", FRAGMENTS)
+def test_sq_sums_of_momentum(frag, dtype, dim):
+    """SCALE's head: the statistics of beta m + (1 - beta) g, with m left untouched."""
+    t = inputs(*frag, dtype)
+    m = t["m"].clone()
+    args = (t["grad"], t["r"], None, R, C, frag[0], dim, m, 0.7)
+    torch.testing.assert_close(torch.ops.sage_dist.sq_sums(*args), ops.sq_sums_reference(*args),
+                               rtol=1e-6, atol=1e-7)
+    assert torch.equal(m, t["m"])
+    if dtype == torch.float32:  # the reference is the rule's own formula, summed plainly
+        x = t["m"] * 0.7 + t["grad"] * (1 - 0.7)
+        torch.testing.assert_close(ops.sq_sums_reference(*args),
+                                   ops.sq_sums_reference(x, t["r"], None, R, C, frag[0], dim))
+
+
 def test_sq_sums_reference_by_hand():
     # [2, 3] matrix, fragment [1, 5): elements g = (1, 2, 3, 4) at (0,1) (0,2) (1,0) (1,1).
     g = torch.tensor([1.0, 2.0, 3.0, 4.0])
@@ -155,6 +172,22 @@ def test_scaled_update(frag, dtype, scales):
     assert_close(*out)
 
 
+@needs_ext
+@pytest.mark.parametrize("scales", ["r", ""])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("frag", FRAGMENTS)
+def test_momentum_scaled_update(frag, dtype, scales):
+    t = inputs(*frag, dtype)
+    r = t["r"] if "r" in scales else None
+    out = []
+    for fn in (torch.ops.sage_dist.momentum_scaled_update_, ops.momentum_scaled_update_reference):
+        p, m = t["param"].clone(), t["m"].clone()
+        fn(p, m, t["grad"], r, None, C, frag[0], 0.9, 3e-2, 0.1, 3e-2)
+        out.append((p, m))
+    assert torch.equal(out[0][1], out[1][1])  # the momentum: fp32, rounded alike
+    assert_close(out[0][0], out[1][0])
+
+
 def test_scaled_update_reference_by_hand():
     p = torch.tensor([1.0, 1.0, 1.0])
     g = torch.tensor([1.0, 2.0, 4.0])                # [2, 2] matrix, fragment [1, 4)
@@ -178,6 +211,11 @@ def opcheck_cases():
                            0.0, False)
     yield "scaled_update_", (t["param"], t["grad"], t["r"], t["c"], C, 45, 0.01, 0.1, 0.1)
     yield "scaled_update_", (tb["param"], tb["grad"], None, tb["c"], C, 70, 0.01, 0.0, 0.1)
+    yield "sq_sums", (t["grad"], t["r"], None, R, C, 45, 1, t["m"], 0.9)
+    yield "momentum_scaled_update_", (t["param"], t["m"], t["grad"], t["r"], None, C, 45, 0.9,
+                                      0.01, 0.0, 0.01)
+    yield "momentum_scaled_update_", (tb["param"], tb["m"], tb["grad"], None, None, C, 70, 0.5,
+                                      0.01, 0.1, 0.01)
     yield "round_bf16_", (torch.empty(120, dtype=torch.bfloat16), t["grad"][:120].clone(), 7, 45)
 
 
@@ -245,6 +283,17 @@ def test_cuda_against_reference(frag, dtype):
     p, p_ref = t["param"].clone(), tc["param"].clone()
     torch.ops.sage_dist.scaled_update_(p, t["grad"], t["r"], t["c"], C, start, 0.03, 0.1, 0.3)
     ops.scaled_update_reference(p_ref, tc["grad"], tc["r"], tc["c"], C, start, 0.03, 0.1, 0.3)
+    assert_close(p, p_ref)
+    torch.testing.assert_close(
+        torch.ops.sage_dist.sq_sums(t["grad"], t["r"], None, R, C, start, 1, t["m"], 0.9).cpu(),
+        ops.sq_sums_reference(tc["grad"], tc["r"], None, R, C, start, 1, tc["m"], 0.9),
+        rtol=1e-6, atol=1e-7)
+    p, m, p_ref, m_ref = t["param"].clone(), t["m"].clone(), tc["param"].clone(), tc["m"].clone()
+    torch.ops.sage_dist.momentum_scaled_update_(p, m, t["grad"], t["r"], None, C, start, 0.9,
+                                                0.03, 0.1, 0.03)
+    ops.momentum_scaled_update_reference(p_ref, m_ref, tc["grad"], tc["r"], None, C, start, 0.9,
+                                         0.03, 0.1, 0.03)
+    assert torch.equal(m.cpu(), m_ref)
     assert_close(p, p_ref)
 
 

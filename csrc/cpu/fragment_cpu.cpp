@@ -1,5 +1,5 @@
 // CPU kernels of the fragment ops: sage_dist::colsum_abs, sq_sums, sage_update_,
-// scaled_update_ (math: csrc/include/sage_dist/elementwise.h).
+// scaled_update_, momentum_scaled_update_ (math: csrc/include/sage_dist/elementwise.h).
 //
 // A fragment [start, start + n) of a global [R, C] matrix is walked row by row (a partial
 // first row, whole rows, a partial last row); rows are split across threads with
@@ -41,8 +41,34 @@ struct F8 {
   explicit F8(float x) : v(_mm256_set1_ps(x)) {}
   static F8 load(const float* p) { return F8(_mm256_loadu_ps(p)); }
   friend F8 operator*(F8 a, F8 b) { return F8(_mm256_mul_ps(a.v, b.v)); }
+  friend F8 operator+(F8 a, F8 b) { return F8(_mm256_add_ps(a.v, b.v)); }
 };
 #endif
+
+// What a statistic squares (before the scales r, c): the gradient itself, or SCALE's head
+// momentum beta m + (1 - beta) g formed in registers. at(j) is element j as fp32; vec(j)
+// (AVX2 builds, fp32 storage only) elements j..j+7.
+template <typename G>
+struct GradSource {
+  const G* g;
+  float at(int64_t j) const { return static_cast<float>(g[j]); }
+  GradSource at_offset(int64_t off) const { return {g + off}; }
+#if defined(__AVX2__)
+  F8 vec(int64_t j) const { return F8::load(g + j); }
+#endif
+};
+
+template <typename G>
+struct MomentumSource {
+  const float* m;
+  const G* g;
+  elementwise::MomentumCoeffs k;
+  float at(int64_t j) const { return elementwise::momentum(m[j], static_cast<float>(g[j]), k); }
+  MomentumSource at_offset(int64_t off) const { return {m + off, g + off, k}; }
+#if defined(__AVX2__)
+  F8 vec(int64_t j) const { return elementwise::momentum(F8::load(m + j), F8::load(g + j), k); }
+#endif
+};
 constexpr int64_t kGrainSize = 32768;  // elements per parallel task, as ATen's own kernels
 constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
 
@@ -111,8 +137,8 @@ at::Tensor colsum_abs_cpu(const at::Tensor& grad, int64_t C, int64_t start) {
 // order at the end.
 constexpr int kLanes = 8;
 
-template <typename G>
-double row_square_sum(const G* g, const float* c, float ri, int64_t len) {
+template <typename G, typename Src>
+double row_square_sum(const Src& x, const float* c, float ri, int64_t len) {
   double acc[kLanes] = {};
   int64_t j = 0;
 #if defined(__AVX2__)
@@ -124,7 +150,7 @@ double row_square_sum(const G* g, const float* c, float ri, int64_t len) {
     const F8 rv(ri), one(1.f);
     for (; j + 16 <= len; j += 16) {
       for (int h = 0; h < 2; ++h) {
-        const F8 sq = elementwise::scaled_square(F8::load(g + j + 8 * h), rv,
+        const F8 sq = elementwise::scaled_square(x.vec(j + 8 * h), rv,
                                                  c ? F8::load(c + j + 8 * h) : one);
         a[2 * h] = _mm256_add_pd(a[2 * h], _mm256_cvtps_pd(_mm256_castps256_ps128(sq.v)));
         a[2 * h + 1] = _mm256_add_pd(a[2 * h + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(sq.v, 1)));
@@ -137,54 +163,60 @@ double row_square_sum(const G* g, const float* c, float ri, int64_t len) {
 #endif
   for (; j + kLanes <= len; j += kLanes)
     for (int l = 0; l < kLanes; ++l)
-      acc[l] += static_cast<double>(elementwise::scaled_square(
-          static_cast<float>(g[j + l]), ri, c ? c[j + l] : 1.f));
+      acc[l] += static_cast<double>(
+          elementwise::scaled_square(x.at(j + l), ri, c ? c[j + l] : 1.f));
   for (; j < len; ++j)
-    acc[0] += static_cast<double>(
-        elementwise::scaled_square(static_cast<float>(g[j]), ri, c ? c[j] : 1.f));
+    acc[0] += static_cast<double>(elementwise::scaled_square(x.at(j), ri, c ? c[j] : 1.f));
   double s = 0.0;
   for (int l = 0; l < kLanes; ++l) s += acc[l];
   return s;
 }
 
-template <typename G>
-void add_column_squares(double* acc, const G* g, const float* c, float ri, int64_t len) {
+template <typename Src>
+void add_column_squares(double* acc, const Src& x, const float* c, float ri, int64_t len) {
   if (c) {
     for (int64_t j = 0; j < len; ++j)
-      acc[j] += static_cast<double>(
-          elementwise::scaled_square(static_cast<float>(g[j]), ri, c[j]));
+      acc[j] += static_cast<double>(elementwise::scaled_square(x.at(j), ri, c[j]));
   } else {
     for (int64_t j = 0; j < len; ++j)
-      acc[j] += static_cast<double>(elementwise::scaled_square(static_cast<float>(g[j]), ri, 1.f));
+      acc[j] += static_cast<double>(elementwise::scaled_square(x.at(j), ri, 1.f));
   }
 }
 
-// Row sums (dim 1, length R) or column sums (dim 0, length C) of (g r c)^2 over the
+// Row sums (dim 1, length R) or column sums (dim 0, length C) of (x r c)^2 over the
 // fragment [start, start + n) of an [R, C] matrix; r, c may be null (all ones).
-template <typename G>
-void square_sums(const G* g, const float* r, const float* c, int64_t n, int64_t C,
+template <typename G, typename Src>
+void square_sums(const Src& x, const float* r, const float* c, int64_t n, int64_t C,
                  int64_t start, int64_t dim, float* out) {
   if (dim == 1) {
     for_each_row(n, C, start, [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
-      out[i] = static_cast<float>(
-          row_square_sum(g + off, c ? c + c0 : nullptr, r ? r[i] : 1.f, c1 - c0));
+      out[i] = static_cast<float>(row_square_sum<G>(x.at_offset(off), c ? c + c0 : nullptr,
+                                                    r ? r[i] : 1.f, c1 - c0));
     });
     return;
   }
   column_sums(n, C, start, out, [&](double* a, int64_t i, int64_t c0, int64_t len, int64_t off) {
-    add_column_squares(a, g + off, c ? c + c0 : nullptr, r ? r[i] : 1.f, len);
+    add_column_squares(a, x.at_offset(off), c ? c + c0 : nullptr, r ? r[i] : 1.f, len);
   });
 }
 
 at::Tensor sq_sums_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& r,
                        const std::optional<at::Tensor>& c, int64_t R, int64_t C, int64_t start,
-                       int64_t dim) {
-  check_sq_sums_args(grad, r, c, R, C, start, dim, kCPU);
+                       int64_t dim, const std::optional<at::Tensor>& m, double beta) {
+  check_sq_sums_args(grad, r, c, R, C, start, dim, m, kCPU);
   at::Tensor out = at::zeros({dim == 1 ? R : C}, grad.options().dtype(at::kFloat));
   dispatch_float_or_bfloat16(grad.scalar_type(), "sage_dist::sq_sums", "grad", [&](auto tag) {
     using G = decltype(tag);
-    square_sums(grad.const_data_ptr<G>(), opt_ptr(r), opt_ptr(c), grad.numel(), C, start, dim,
-                out.data_ptr<float>());
+    const G* g = grad.const_data_ptr<G>();
+    const int64_t n = grad.numel();
+    float* o = out.data_ptr<float>();
+    if (m) {
+      const MomentumSource<G> x{m->const_data_ptr<float>(), g,
+                                elementwise::make_momentum_coeffs(beta)};
+      square_sums<G>(x, opt_ptr(r), opt_ptr(c), n, C, start, dim, o);
+    } else {
+      square_sums<G>(GradSource<G>{g}, opt_ptr(r), opt_ptr(c), n, C, start, dim, o);
+    }
   });
   return out;
 }
@@ -265,9 +297,51 @@ void scaled_update_cpu(const at::Tensor& param, const at::Tensor& grad,
   });
 }
 
+// ---------------------------------------------------------------------------
+template <typename P, typename G>
+void momentum_scaled_rows(P* param, float* m, const G* grad, const float* r, const float* c,
+                          int64_t n, int64_t C, int64_t start,
+                          const elementwise::MomentumCoeffs& km,
+                          const elementwise::ScaledCoeffs& k) {
+  for_each_row(n, C, start, [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
+    P* pp = param + off;
+    float* mm = m + off;
+    const G* gg = grad + off;
+    const float ri = r ? r[i] : 1.f;
+    const int64_t len = c1 - c0;
+    for (int64_t j = 0; j < len; ++j) {
+      const float x = elementwise::momentum(mm[j], static_cast<float>(gg[j]), km);
+      mm[j] = x;
+      pp[j] = static_cast<P>(elementwise::scaled_update(static_cast<float>(pp[j]), x, ri,
+                                                        c ? c[c0 + j] : 1.f, k));
+    }
+  });
+}
+
+void momentum_scaled_update_cpu(const at::Tensor& param, const at::Tensor& m,
+                                const at::Tensor& grad, const std::optional<at::Tensor>& r,
+                                const std::optional<at::Tensor>& c, int64_t C, int64_t start,
+                                double beta, double lr, double weight_decay, double step) {
+  check_momentum_scaled_update_args(param, m, grad, r, c, C, start, kCPU);
+  if (param.numel() == 0) return;
+  const auto km = elementwise::make_momentum_coeffs(beta);
+  const auto k = elementwise::make_scaled_coeffs(lr, weight_decay, step);
+  constexpr const char* op = "sage_dist::momentum_scaled_update_";
+  dispatch_float_or_bfloat16(param.scalar_type(), op, "param", [&](auto p_tag) {
+    using P = decltype(p_tag);
+    dispatch_float_or_bfloat16(grad.scalar_type(), op, "grad", [&](auto g_tag) {
+      using G = decltype(g_tag);
+      momentum_scaled_rows<P, G>(param.data_ptr<P>(), m.data_ptr<float>(),
+                                 grad.const_data_ptr<G>(), opt_ptr(r), opt_ptr(c),
+                                 param.numel(), C, start, km, k);
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sage_dist, CPU, m) {
+  m.impl("momentum_scaled_update_", &momentum_scaled_update_cpu);
   m.impl("colsum_abs", &colsum_abs_cpu);
   m.impl("sq_sums", &sq_sums_cpu);
   m.impl("sage_update_", &sage_update_cpu);

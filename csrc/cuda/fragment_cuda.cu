@@ -1,5 +1,5 @@
 // CUDA kernels of the fragment ops: sage_dist::colsum_abs, sq_sums, sage_update_,
-// scaled_update_ (math: csrc/include/sage_dist/elementwise.h). fp32 math in registers,
+// scaled_update_, momentum_scaled_update_ (math: csrc/include/sage_dist/elementwise.h). fp32 math in registers,
 // loads and stores in the storage dtype. One launch per fragment (not yet multi-tensor).
 //
 // COMPILED, NEVER RUN: no GPU was available where this was written (see README).
@@ -36,21 +36,30 @@ int grid_for(int64_t n, int device) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, 8LL * sm_count)));
 }
 
-// value = |g| (kind 0) or (g r c)^2 (kind 1).
+// What the statistics read: the gradient, and SCALE's head momentum when m is given.
+struct StatInput {
+  const float* r;                     // row scale or null
+  const float* c;                     // column scale or null
+  const float* m;                     // momentum or null: then x = beta m + (1 - beta) g
+  elementwise::MomentumCoeffs beta;
+};
+
+// value = |g| (kind 0) or (x r c)^2 (kind 1), x = g or the momentum.
 template <typename G>
-__device__ inline float stat_value(const G* g, int64_t k, const float* r, const float* c,
-                                   int64_t i, int64_t j, int kind) {
-  const float x = static_cast<float>(g[k]);
+__device__ inline float stat_value(const G* g, int64_t k, const StatInput& in, int64_t i,
+                                   int64_t j, int kind) {
+  float x = static_cast<float>(g[k]);
   if (kind == 0) return fabsf(x);
-  return elementwise::scaled_square(x, r ? r[i] : 1.f, c ? c[j] : 1.f);
+  if (in.m) x = elementwise::momentum(in.m[k], x, in.beta);
+  return elementwise::scaled_square(x, in.r ? in.r[i] : 1.f, in.c ? in.c[j] : 1.f);
 }
 
 // Column sums: thread (column j, block of rows) accumulates, then one atomicAdd.
 template <typename G>
-__global__ void column_sums_kernel(const G* __restrict__ g, const float* __restrict__ r,
-                                   const float* __restrict__ c, float* __restrict__ out,
-                                   int64_t n, int64_t C, int64_t start, int64_t first_row,
-                                   int64_t last_row, int kind) {
+__global__ void column_sums_kernel(const G* __restrict__ g, StatInput in,
+                                   float* __restrict__ out, int64_t n, int64_t C,
+                                   int64_t start, int64_t first_row, int64_t last_row,
+                                   int kind) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= C) return;
   const int64_t i0 = first_row + static_cast<int64_t>(blockIdx.y) * kRowsPerBlock;
@@ -58,22 +67,21 @@ __global__ void column_sums_kernel(const G* __restrict__ g, const float* __restr
   float s = 0.f;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t k = i * C + j - start;
-    if (k >= 0 && k < n) s += stat_value(g, k, r, c, i, j, kind);
+    if (k >= 0 && k < n) s += stat_value(g, k, in, i, j, kind);
   }
   atomicAdd(out + j, s);
 }
 
 // Row sums: one block per row, a shared-memory tree reduction.
 template <typename G>
-__global__ void row_sums_kernel(const G* __restrict__ g, const float* __restrict__ r,
-                                const float* __restrict__ c, float* __restrict__ out,
+__global__ void row_sums_kernel(const G* __restrict__ g, StatInput in, float* __restrict__ out,
                                 int64_t n, int64_t C, int64_t start, int64_t first_row) {
   __shared__ float partial[kThreads];
   const int64_t i = first_row + blockIdx.x;
   const int64_t a = max(start, i * C), b = min(start + n, (i + 1) * C);
   float s = 0.f;
   for (int64_t e = a + threadIdx.x; e < b; e += blockDim.x)
-    s += stat_value(g, e - start, r, c, i, e - i * C, 1);
+    s += stat_value(g, e - start, in, i, e - i * C, 1);
   partial[threadIdx.x] = s;
   __syncthreads();
   for (int w = blockDim.x / 2; w > 0; w >>= 1) {
@@ -88,8 +96,8 @@ void dispatch_grad(const at::Tensor& grad, const char* op, F&& f) {
   dispatch_float_or_bfloat16(grad.scalar_type(), op, "grad", f);
 }
 
-at::Tensor column_sums(const at::Tensor& grad, const float* r, const float* c, int64_t C,
-                       int64_t start, int kind, const char* op) {
+at::Tensor column_sums(const at::Tensor& grad, const StatInput& in, int64_t C, int64_t start,
+                       int kind, const char* op) {
   at::Tensor out = at::zeros({C}, grad.options().dtype(at::kFloat));
   const int64_t n = grad.numel();
   if (n == 0) return out;
@@ -100,7 +108,7 @@ at::Tensor column_sums(const at::Tensor& grad, const float* r, const float* c, i
                   static_cast<unsigned>((last - first + kRowsPerBlock) / kRowsPerBlock));
   dispatch_grad(grad, op, [&](auto tag) {
     using G = decltype(tag);
-    column_sums_kernel<G><<<grid, kThreads, 0, stream>>>(grad.const_data_ptr<G>(), r, c,
+    column_sums_kernel<G><<<grid, kThreads, 0, stream>>>(grad.const_data_ptr<G>(), in,
                                                          out.data_ptr<float>(), n, C, start,
                                                          first, last, kind);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -110,15 +118,18 @@ at::Tensor column_sums(const at::Tensor& grad, const float* r, const float* c, i
 
 at::Tensor colsum_abs_cuda(const at::Tensor& grad, int64_t C, int64_t start) {
   check_colsum_abs_args(grad, C, start, kCUDA);
-  return column_sums(grad, nullptr, nullptr, C, start, 0, "sage_dist::colsum_abs");
+  const StatInput none{nullptr, nullptr, nullptr, elementwise::make_momentum_coeffs(0.0)};
+  return column_sums(grad, none, C, start, 0, "sage_dist::colsum_abs");
 }
 
 at::Tensor sq_sums_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& r,
                         const std::optional<at::Tensor>& c, int64_t R, int64_t C,
-                        int64_t start, int64_t dim) {
-  check_sq_sums_args(grad, r, c, R, C, start, dim, kCUDA);
+                        int64_t start, int64_t dim, const std::optional<at::Tensor>& m,
+                        double beta) {
+  check_sq_sums_args(grad, r, c, R, C, start, dim, m, kCUDA);
   constexpr const char* op = "sage_dist::sq_sums";
-  if (dim == 0) return column_sums(grad, opt_ptr(r), opt_ptr(c), C, start, 1, op);
+  const StatInput in{opt_ptr(r), opt_ptr(c), opt_ptr(m), elementwise::make_momentum_coeffs(beta)};
+  if (dim == 0) return column_sums(grad, in, C, start, 1, op);
   at::Tensor out = at::zeros({R}, grad.options().dtype(at::kFloat));
   const int64_t n = grad.numel();
   if (n == 0) return out;
@@ -128,8 +139,7 @@ at::Tensor sq_sums_cuda(const at::Tensor& grad, const std::optional<at::Tensor>&
   dispatch_grad(grad, op, [&](auto tag) {
     using G = decltype(tag);
     row_sums_kernel<G><<<static_cast<unsigned>(last - first + 1), kThreads, 0, stream>>>(
-        grad.const_data_ptr<G>(), opt_ptr(r), opt_ptr(c), out.data_ptr<float>(), n, C, start,
-        first);
+        grad.const_data_ptr<G>(), in, out.data_ptr<float>(), n, C, start, first);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -214,9 +224,52 @@ void scaled_update_cuda(const at::Tensor& param, const at::Tensor& grad,
   });
 }
 
+template <typename P, typename G>
+__global__ void momentum_scaled_kernel(P* __restrict__ param, float* __restrict__ m,
+                                       const G* __restrict__ grad, const float* __restrict__ r,
+                                       const float* __restrict__ c, int64_t n, int64_t C,
+                                       int64_t start, elementwise::MomentumCoeffs km,
+                                       elementwise::ScaledCoeffs k) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += stride) {
+    const int64_t flat = start + e;
+    const float x = elementwise::momentum(m[e], static_cast<float>(grad[e]), km);
+    m[e] = x;
+    param[e] = static_cast<P>(elementwise::scaled_update(
+        static_cast<float>(param[e]), x, r ? r[flat / C] : 1.f, c ? c[flat % C] : 1.f, k));
+  }
+}
+
+void momentum_scaled_update_cuda(const at::Tensor& param, const at::Tensor& m,
+                                 const at::Tensor& grad, const std::optional<at::Tensor>& r,
+                                 const std::optional<at::Tensor>& c, int64_t C, int64_t start,
+                                 double beta, double lr, double weight_decay, double step) {
+  check_momentum_scaled_update_args(param, m, grad, r, c, C, start, kCUDA);
+  const int64_t n = param.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(param.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int blocks = grid_for(n, param.device().index());
+  const auto km = elementwise::make_momentum_coeffs(beta);
+  const auto k = elementwise::make_scaled_coeffs(lr, weight_decay, step);
+  constexpr const char* op = "sage_dist::momentum_scaled_update_";
+  dispatch_float_or_bfloat16(param.scalar_type(), op, "param", [&](auto p_tag) {
+    using P = decltype(p_tag);
+    dispatch_grad(grad, op, [&](auto g_tag) {
+      using G = decltype(g_tag);
+      momentum_scaled_kernel<P, G><<<blocks, kThreads, 0, stream>>>(
+          param.data_ptr<P>(), m.data_ptr<float>(), grad.const_data_ptr<G>(), opt_ptr(r),
+          opt_ptr(c), n, C, start, km, k);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sage_dist, CUDA, m) {
+  m.impl("momentum_scaled_update_", &momentum_scaled_update_cuda);
   m.impl("colsum_abs", &colsum_abs_cuda);
   m.impl("sq_sums", &sq_sums_cuda);
   m.impl("sage_update_", &sage_update_cuda);

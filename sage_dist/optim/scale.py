@@ -70,12 +70,19 @@ class ScaleHeadRule(Rule):
 
     def run(self, f, p, g, st, group):
         beta = group["momentum"]
+        if ops.fused_enabled():  # the new momentum is formed in registers, in both passes
+            rows = ops.sq_sums(g, None, None, f.rows, f.cols, f.span.start, 1, st["m"], beta)
+            (rows,) = yield [("row", rows)]
+            scale = _inv_rms(rows, f.cols, group["floor"])
+            lr, wd = group["lr"], group["weight_decay"]
+            ops.momentum_scaled_update_(p, st["m"], g, scale, None, f.cols, f.span.start, beta,
+                                        lr, wd, lr)
+            return
         m_new = st["m"] * beta + g * (1 - beta)
-        fused = ops.fused_enabled()
-        (rows,) = yield [("row", _sq_sums(f, m_new, 1, fused))]
+        (rows,) = yield [("row", _sq_sums(f, m_new, 1, fused=False))]
         st["m"].copy_(m_new)
         scale = _inv_rms(rows, f.cols, group["floor"])
-        _scaled_step(f, p, m_new, group, row=scale, fused=fused)
+        _scaled_step(f, p, m_new, group, row=scale, fused=False)
 
 
 class ScaleAdamWRule(Rule):

@@ -138,6 +138,25 @@ SD_HOST_DEVICE inline T scaled_update(T p, T g, T r, T c, const ScaledCoeffs& k)
   return p - T(k.step) * x;
 }
 
+// SCALE's head (spec §4): momentum m <- beta m + (1 - beta) g, the tensor its step
+// normalises and applies in place of g.
+struct MomentumCoeffs {
+  float beta;
+  float one_minus_beta;
+};
+
+SD_HOST_DEVICE inline MomentumCoeffs make_momentum_coeffs(double beta) {
+  MomentumCoeffs c;
+  c.beta = static_cast<float>(beta);
+  c.one_minus_beta = static_cast<float>(1.0 - beta);
+  return c;
+}
+
+template <typename T>
+SD_HOST_DEVICE inline T momentum(T m, T g, const MomentumCoeffs& k) {
+  return T(k.beta) * m + T(k.one_minus_beta) * g;
+}
+
 // The value whose square the Sinkhorn / SCALE statistics sum: g r c.
 template <typename T>
 SD_HOST_DEVICE inline T scaled_square(T g, T r, T c) {

@@ -1,5 +1,5 @@
-// Argument checks of the fragment ops (colsum_abs, sq_sums, sage_update_, scaled_update_),
-// shared by the CPU and CUDA kernels; sage_dist/ops.py mirrors them for the fake kernels
+// Argument checks of the fragment ops (colsum_abs, sq_sums, sage_update_, scaled_update_,
+// momentum_scaled_update_), shared by the CPU and CUDA kernels; sage_dist/ops.py mirrors them for the fake kernels
 // and the pure-PyTorch fallbacks.
 #pragma once
 
@@ -16,10 +16,21 @@ inline void check_colsum_abs_args(const at::Tensor& grad, int64_t C, int64_t sta
   check_geometry(grad.numel(), C, start, op);
 }
 
+// The momentum of SCALE's head: fp32 state beside `ref`, one value per element.
+inline void check_momentum(const at::Tensor& ref, const char* ref_name, const at::Tensor& m,
+                           const char* op, c10::DeviceType dev) {
+  check_fp32_state(m, op, "m");
+  check_device(ref, ref_name, m, op, "m", dev);
+  check_contiguous(m, op, "m");
+  check_same_numel(ref, ref_name, m, op, "m");
+}
+
 inline void check_sq_sums_args(const at::Tensor& grad, const std::optional<at::Tensor>& r,
                                const std::optional<at::Tensor>& c, int64_t R, int64_t C,
-                               int64_t start, int64_t dim, c10::DeviceType dev) {
+                               int64_t start, int64_t dim, const std::optional<at::Tensor>& m,
+                               c10::DeviceType dev) {
   constexpr const char* op = "sage_dist::sq_sums";
+  if (m) check_momentum(grad, "grad", *m, op, dev);
   check_fragment_tensor(grad, "grad", grad, op, "grad", dev);
   check_geometry(grad.numel(), C, start, op);
   TORCH_CHECK(R >= 1, op, ": R=", R, " is invalid; allowed: R >= 1");
@@ -48,8 +59,8 @@ inline void check_sage_update_args(const at::Tensor& param, const at::Tensor& m,
 inline void check_scaled_update_args(const at::Tensor& param, const at::Tensor& grad,
                                      const std::optional<at::Tensor>& r,
                                      const std::optional<at::Tensor>& c, int64_t C,
-                                     int64_t start, c10::DeviceType dev) {
-  constexpr const char* op = "sage_dist::scaled_update_";
+                                     int64_t start, c10::DeviceType dev,
+                                     const char* op = "sage_dist::scaled_update_") {
   check_fragment_tensor(param, "param", param, op, "param", dev);
   check_fragment_tensor(param, "param", grad, op, "grad", dev);
   check_same_numel(param, "param", grad, op, "grad");
@@ -59,6 +70,16 @@ inline void check_scaled_update_args(const at::Tensor& param, const at::Tensor& 
     check_rows_cover(*r, param.numel(), C, start, op, "r");
   }
   if (c) check_scale_vector(param, *c, C, op, "c", dev);
+}
+
+inline void check_momentum_scaled_update_args(const at::Tensor& param, const at::Tensor& m,
+                                              const at::Tensor& grad,
+                                              const std::optional<at::Tensor>& r,
+                                              const std::optional<at::Tensor>& c, int64_t C,
+                                              int64_t start, c10::DeviceType dev) {
+  constexpr const char* op = "sage_dist::momentum_scaled_update_";
+  check_scaled_update_args(param, grad, r, c, C, start, dev, op);
+  check_momentum(param, "param", m, op, dev);
 }
 
 }  // namespace sage_dist
