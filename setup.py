@@ -79,9 +79,9 @@ def _cpu_arch_flags():
     machine has it, as DeepSpeed builds its CPU ops for the build machine), avx2, or generic
     (baseline x86-64 / the compiler's default: a build to copy to other machines)."""
     arch = os.environ.get("SAGE_DIST_CPU_ARCH", "auto")
-    if arch not in ("auto", "avx2", "generic"):
+    if arch not in ("auto", "native", "avx2", "generic"):
         sys.exit(f"sage_dist setup: SAGE_DIST_CPU_ARCH={arch!r} is invalid: "
-                 "allowed are 'auto', 'avx2', 'generic'")
+                 "allowed are 'auto', 'native', 'avx2', 'generic'")
     if arch == "auto":
         try:
             with open("/proc/cpuinfo") as f:
@@ -89,7 +89,7 @@ def _cpu_arch_flags():
         except OSError:
             arch = "generic"
     _log(f"CPU kernels built for: {arch} (SAGE_DIST_CPU_ARCH)")
-    return ["-mavx2"] if arch == "avx2" else []
+    return {"native": ["-march=native"], "avx2": ["-mavx2"]}.get(arch, [])
 
 
 def _extensions():
