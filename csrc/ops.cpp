@@ -19,6 +19,12 @@ TORCH_LIBRARY(sage_dist, m) {
       "lion_update_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor grad, float lr, "
       "float beta1, float beta2, float weight_decay) -> ()");
 
+  // Lion on many tensors at once (one CUDA launch per dtype combination): element-wise the
+  // same as lion_update_ on each (params[i], exp_avgs[i], grads[i]).
+  m.def(
+      "lion_update_multi_(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor[] grads, float lr, "
+      "float beta1, float beta2, float weight_decay) -> ()");
+
   // Fragment ops. A fragment is elements [start, start + numel) of the row-major flat index
   // of a global [R, C] matrix (it may start and end mid-row); statistics are partial sums
   // over the elements held, which a sharded run completes with one all-reduce per phase.
@@ -45,6 +51,18 @@ TORCH_LIBRARY(sage_dist, m) {
   m.def(
       "scaled_update_(Tensor(a!) param, Tensor grad, Tensor? r, Tensor? c, int C, int start, "
       "float lr, float weight_decay, float step) -> ()");
+
+  // One Sinkhorn half-iteration's rescale (spec §2-3), given the complete sums of squares s
+  // of each line: scale * target / (scale * sqrt(s) + eps) where s > 0, else scale.
+  m.def("sinkhorn_rescale(Tensor scale, Tensor s, float target, float eps) -> Tensor");
+
+  // Uniform Sinkhorn / SinkGD (spec §2-3) on a WHOLE [R, C] matrix held by one process:
+  // all `iters` row-then-column iterations (sq_sums, then the rescale of each scale), returning
+  // the row and column scales (r, c). The same numbers as the phase-by-phase path, without a
+  // round trip to Python between passes.
+  m.def(
+      "sinkhorn_scales(Tensor grad, int R, int C, int iters, float eps, float row_target, "
+      "float col_target) -> (Tensor, Tensor)");
 
   // SCALE's head (spec §4): m <- beta m + (1 - beta) grad, then scaled_update_ with m in
   // place of grad, in one pass.

@@ -45,8 +45,9 @@ def _kernel_devices(qualname: str) -> frozenset[str]:
 
 # Computed once at import: a constant set is also what torch.compile can trace through.
 _LION_DEVICES = _kernel_devices("sage_dist::lion_update_")
+_LION_MULTI_DEVICES = _kernel_devices("sage_dist::lion_update_multi_")
 FRAGMENT_OPS = ("colsum_abs", "sq_sums", "sage_update_", "scaled_update_",
-                "momentum_scaled_update_", "round_bf16_")
+                "momentum_scaled_update_", "sinkhorn_rescale", "sinkhorn_scales", "round_bf16_")
 _FRAGMENT_DEVICES = {op: _kernel_devices(f"sage_dist::{op}") for op in FRAGMENT_OPS}
 
 # The rules call the fused ops unless this is off (SAGE_DIST_FUSED=0 in the environment, or
@@ -150,6 +151,11 @@ def lion_update_(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor,
     device, else lion_update_reference (warning once). All tensors: same number of elements,
     contiguous, one device; grad fp32 or bf16."""
     lr, beta1, beta2, weight_decay = float(lr), float(beta1), float(beta2), float(weight_decay)
+    if _DEFERRED is not None and param.device.type in _LION_MULTI_DEVICES:
+        _check_lion_args(param, exp_avg, grad)
+        _DEFERRED.add(("lion_update_", param.device, lr, beta1, beta2, weight_decay),
+                      (param, exp_avg, grad))
+        return
     if param.device.type in _LION_DEVICES:
         with torch.no_grad():  # an in-place optimizer update, never part of a graph
             torch.ops.sage_dist.lion_update_(param, exp_avg, grad, lr, beta1, beta2,
@@ -157,6 +163,76 @@ def lion_update_(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor,
     else:
         _warn_fallback_once("lion_update_", param.device.type)
         lion_update_reference(param, exp_avg, grad, lr, beta1, beta2, weight_decay)
+
+
+def _check_lion_multi_args(params, exp_avgs, grads) -> None:
+    if not len(params) == len(exp_avgs) == len(grads):
+        raise RuntimeError(f"sage_dist::lion_update_multi_: params, exp_avgs and grads have "
+                           f"{len(params)}, {len(exp_avgs)} and {len(grads)} tensors; they must "
+                           f"have as many")
+    for i, (p, m, g) in enumerate(zip(params, exp_avgs, grads)):
+        _check_lion_args(p, m, g)
+        if p.device != params[0].device:
+            raise RuntimeError(f"sage_dist::lion_update_multi_: params[{i}] is on {p.device} but "
+                               f"params[0] is on {params[0].device}; all tensors must be on one "
+                               f"device")
+
+
+def lion_update_multi_reference(params, exp_avgs, grads, lr, beta1, beta2, weight_decay):
+    """lion_update_reference on each (param, exp_avg, grad) of the lists."""
+    _check_lion_multi_args(params, exp_avgs, grads)
+    for p, m, g in zip(params, exp_avgs, grads):
+        lion_update_reference(p, m, g, lr, beta1, beta2, weight_decay)
+
+
+def lion_update_multi_(params, exp_avgs, grads, lr: float, beta1: float, beta2: float,
+                       weight_decay: float) -> None:
+    """Lion on many tensors at once: one native call (on CUDA, one launch per dtype pair)."""
+    args = ([*params], [*exp_avgs], [*grads], float(lr), float(beta1), float(beta2),
+            float(weight_decay))
+    if params and params[0].device.type in _LION_MULTI_DEVICES:
+        with torch.no_grad():
+            torch.ops.sage_dist.lion_update_multi_(*args)
+    else:
+        if params:
+            _warn_fallback_once("lion_update_multi_", params[0].device.type)
+        lion_update_multi_reference(*args)
+
+
+class DeferredUpdates:
+    """Collects fused element-wise updates issued while it is active (see `deferred`) and runs
+    each set that shares an op, hyperparameters and device as ONE multi-tensor call at
+    `flush()`. Only ops whose caller is done with the tensors once it has issued the update
+    are deferred (today: lion_update_)."""
+
+    def __init__(self):
+        self.pending: dict[tuple, list] = {}
+
+    def add(self, key: tuple, tensors: tuple) -> None:
+        self.pending.setdefault(key, []).append(tensors)
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for (op, device, *hp), items in pending.items():
+            params, exp_avgs, grads = (list(t) for t in zip(*items))
+            lion_update_multi_(params, exp_avgs, grads, *hp)
+
+
+_DEFERRED: DeferredUpdates | None = None
+
+
+@contextlib.contextmanager
+def deferred():
+    """Within this context lion_update_ calls are collected, not run; the caller must call
+    flush() on the yielded object before it reads the updated tensors (it is flushed on exit
+    too). The optimizer engine uses this to issue one multi-tensor update per phase."""
+    global _DEFERRED
+    old, _DEFERRED = _DEFERRED, DeferredUpdates()
+    try:
+        yield _DEFERRED
+        _DEFERRED.flush()
+    finally:
+        _DEFERRED = old
 
 
 # --------------------------------------------------------------------------------------
@@ -264,6 +340,20 @@ def _check_scaled_update_args(param, grad, r, c, C, start, op="sage_dist::scaled
         _check_vector(op, "c", c, param, C)
 
 
+def _check_sinkhorn_scales_args(grad, R, C, iters, eps):
+    op = "sage_dist::sinkhorn_scales"
+    _check_fragment_tensor(op, "grad", grad)
+    if R < 1 or C < 1:
+        raise RuntimeError(f"{op}: R={R}, C={C} is invalid; allowed: R, C >= 1")
+    if grad.numel() != R * C:
+        raise RuntimeError(f"{op}: grad has {grad.numel()} elements; the whole [{R}, {C}] "
+                           f"matrix has {R * C}")
+    if iters < 1:
+        raise RuntimeError(f"{op}: iters={iters} is invalid; allowed: iters >= 1")
+    if not eps > 0:
+        raise RuntimeError(f"{op}: eps={eps} is invalid; allowed: eps > 0")
+
+
 def _check_momentum_scaled_update_args(param, m, grad, r, c, C, start):
     op = "sage_dist::momentum_scaled_update_"
     _check_scaled_update_args(param, grad, r, c, C, start, op)
@@ -328,6 +418,38 @@ def scaled_update_reference(param, grad, r, c, C, start, lr, weight_decay, step)
     param.copy_(p.view_as(param))
 
 
+def _check_sinkhorn_rescale_args(scale, s):
+    op = "sage_dist::sinkhorn_rescale"
+    _check_vector(op, "scale", scale, scale, None)
+    _check_vector(op, "s", s, scale, scale.numel())
+
+
+@torch.no_grad()
+def sinkhorn_rescale_reference(scale: torch.Tensor, sq_sum: torch.Tensor, target: float,
+                               eps: float) -> torch.Tensor:
+    """scale <- target * scale / (norm + eps), norm = scale * sqrt(sq_sum) (elementwise.h:
+    sinkhorn_rescale). A line of X that is exactly zero keeps its scale: dividing by eps
+    there would grow the scale each iteration until it overflowed. (torch's CPU sqrt is not
+    always correctly rounded, so this can differ from the kernels by an ulp.)"""
+    _check_sinkhorn_rescale_args(scale, sq_sum)
+    norm = scale * sq_sum.sqrt()
+    return torch.where(sq_sum > 0, scale * target / (norm + eps), scale)
+
+
+@torch.no_grad()
+def sinkhorn_scales_reference(grad, R, C, iters, eps, row_target, col_target):
+    """All Sinkhorn iterations on a whole [R, C] matrix: the scales (r, c)."""
+    _check_sinkhorn_scales_args(grad, R, C, iters, eps)
+    r = torch.ones(R, dtype=torch.float32, device=grad.device)
+    c = torch.ones(C, dtype=torch.float32, device=grad.device)
+    for _ in range(iters):
+        r = sinkhorn_rescale_reference(r, sq_sums_reference(grad, None, c, R, C, 0, 1),
+                                       row_target, eps)
+        c = sinkhorn_rescale_reference(c, sq_sums_reference(grad, r, None, R, C, 0, 0),
+                                       col_target, eps)
+    return r, c
+
+
 @torch.no_grad()
 def momentum_scaled_update_reference(param, m, grad, r, c, C, start, beta, lr, weight_decay,
                                      step):
@@ -388,6 +510,24 @@ def scaled_update_(param, grad, r, c, C: int, start: int, lr: float, weight_deca
             torch.ops.sage_dist.scaled_update_(*args)
     else:
         scaled_update_reference(*args)
+
+
+def sinkhorn_rescale(scale: torch.Tensor, sq_sum: torch.Tensor, target: float,
+                     eps: float) -> torch.Tensor:
+    """One Sinkhorn rescale of a row or column scale vector, given its complete sums of
+    squares (the kernels and sinkhorn_scales share this math bit for bit)."""
+    if _use_kernel("sinkhorn_rescale", scale):
+        return torch.ops.sage_dist.sinkhorn_rescale(scale, sq_sum, float(target), float(eps))
+    return sinkhorn_rescale_reference(scale, sq_sum, float(target), float(eps))
+
+
+def sinkhorn_scales(grad: torch.Tensor, R: int, C: int, iters: int, eps: float,
+                    row_target: float, col_target: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every Sinkhorn iteration of a whole [R, C] matrix in one call: its scales (r, c)."""
+    args = (grad, int(R), int(C), int(iters), float(eps), float(row_target), float(col_target))
+    if _use_kernel("sinkhorn_scales", grad):
+        return torch.ops.sage_dist.sinkhorn_scales(*args)
+    return sinkhorn_scales_reference(*args)
 
 
 def momentum_scaled_update_(param, m, grad, r, c, C: int, start: int, beta: float, lr: float,
@@ -507,4 +647,20 @@ if HAS_EXTENSION:
     def _momentum_scaled_update_fake(param, m, grad, r, c, C, start, beta, lr, weight_decay,
                                      step):
         _check_momentum_scaled_update_args(param, m, grad, r, c, C, start)
+        return None
+
+    @torch.library.register_fake("sage_dist::sinkhorn_scales")
+    def _sinkhorn_scales_fake(grad, R, C, iters, eps, row_target, col_target):
+        _check_sinkhorn_scales_args(grad, R, C, iters, eps)
+        return (grad.new_empty((R,), dtype=torch.float32),
+                grad.new_empty((C,), dtype=torch.float32))
+
+    @torch.library.register_fake("sage_dist::sinkhorn_rescale")
+    def _sinkhorn_rescale_fake(scale, s, target, eps):
+        _check_sinkhorn_rescale_args(scale, s)
+        return torch.empty_like(scale)
+
+    @torch.library.register_fake("sage_dist::lion_update_multi_")
+    def _lion_update_multi_fake(params, exp_avgs, grads, lr, beta1, beta2, weight_decay):
+        _check_lion_multi_args(params, exp_avgs, grads)
         return None

@@ -101,6 +101,41 @@ def test_sq_sums_of_momentum(frag, dtype, dim):
                                    ops.sq_sums_reference(x, t["r"], None, R, C, frag[0], dim))
 
 
+@needs_ext
+def test_sinkhorn_rescale():
+    gen = torch.Generator().manual_seed(3)
+    scale = torch.rand(500, generator=gen) + 0.5
+    s = torch.rand(500, generator=gen) * 30
+    s[::7] = 0.0  # an all-zero line keeps its scale
+    got = torch.ops.sage_dist.sinkhorn_rescale(scale, s, 2.5, 1e-8)
+    ref = ops.sinkhorn_rescale_reference(scale, s, 2.5, 1e-8)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)  # torch's sqrt: within an ulp
+    assert torch.equal(got[::7], scale[::7])
+    assert torch.equal(scale, ops.sinkhorn_rescale_reference(scale, torch.zeros(500), 2.5, 1e-8))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(R, C), (1, 40), (300, 1)])
+def test_sinkhorn_scales_whole_matrix(shape, dtype):
+    """All iterations in one call: bit for bit the phase-by-phase path of the same ops, and
+    within 1e-6 of the pure-PyTorch reference."""
+    rows, cols = shape
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(rows * cols, generator=gen).to(dtype)
+    if rows > 2:
+        g[cols:2 * cols] = 0  # a zero row
+    got = torch.ops.sage_dist.sinkhorn_scales(g, rows, cols, 5, 1e-8, 1.5, 0.5)
+    r, c = torch.ones(rows), torch.ones(cols)
+    for _ in range(5):
+        r = ops.sinkhorn_rescale(r, ops.sq_sums(g, None, c, rows, cols, 0, 1), 1.5, 1e-8)
+        c = ops.sinkhorn_rescale(c, ops.sq_sums(g, r, None, rows, cols, 0, 0), 0.5, 1e-8)
+    assert torch.equal(got[0], r) and torch.equal(got[1], c)
+    ref = ops.sinkhorn_scales_reference(g, rows, cols, 5, 1e-8, 1.5, 0.5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
 def test_sq_sums_reference_by_hand():
     # [2, 3] matrix, fragment [1, 5): elements g = (1, 2, 3, 4) at (0,1) (0,2) (1,0) (1,1).
     g = torch.tensor([1.0, 2.0, 3.0, 4.0])
@@ -216,6 +251,9 @@ def opcheck_cases():
                                       0.01, 0.0, 0.01)
     yield "momentum_scaled_update_", (tb["param"], tb["m"], tb["grad"], None, None, C, 70, 0.5,
                                       0.01, 0.1, 0.01)
+    yield "sinkhorn_rescale", (t["r"], t["r"] * 3, 1.5, 1e-8)
+    yield "sinkhorn_scales", (inputs(0, R * C, torch.float32)["grad"], R, C, 2, 1e-8, 1.0, 1.0)
+    yield "sinkhorn_scales", (inputs(0, R * C, torch.bfloat16)["grad"], R, C, 1, 1e-8, 2.0, 0.5)
     yield "round_bf16_", (torch.empty(120, dtype=torch.bfloat16), t["grad"][:120].clone(), 7, 45)
 
 
@@ -295,6 +333,10 @@ def test_cuda_against_reference(frag, dtype):
                                          0.03, 0.1, 0.03)
     assert torch.equal(m.cpu(), m_ref)
     assert_close(p, p_ref)
+    if frag == (0, R * C):
+        for a, b in zip(torch.ops.sage_dist.sinkhorn_scales(t["grad"], R, C, 5, 1e-8, 1.0, 1.0),
+                        ops.sinkhorn_scales_reference(tc["grad"], R, C, 5, 1e-8, 1.0, 1.0)):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------------------- fallback

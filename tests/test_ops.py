@@ -168,3 +168,75 @@ def test_lion_cuda_matches_reference(param_dtype, grad_dtype):
     torch.library.opcheck(torch.ops.sage_dist.lion_update_.default, args)
     for n in (1, 1000, 1_000_003):
         run_lion_beside_reference(n, param_dtype, grad_dtype, "cuda")
+
+
+# ----------------------------------------------------------------------------- multi-tensor
+def lion_lists(device="cpu"):
+    """Mixed dtypes and sizes: empty, tiny, and sizes that span several CPU tasks and
+    several CUDA chunks."""
+    specs = [(0, torch.float32, torch.float32), (5, torch.bfloat16, torch.float32),
+             (70_001, torch.float32, torch.bfloat16), (33_000, torch.float32, torch.float32),
+             (1, torch.bfloat16, torch.bfloat16), (40_000, torch.bfloat16, torch.float32)]
+    return [make_lion_inputs(n, pd, gd, device, seed=i) for i, (n, pd, gd) in enumerate(specs)]
+
+
+def split(lists):
+    return [list(x) for x in zip(*lists)]
+
+
+@needs_ext
+def test_lion_multi_equals_one_call_per_tensor():
+    multi, single = lion_lists(), lion_lists()
+    params, exp_avgs, grads = split(multi)
+    torch.ops.sage_dist.lion_update_multi_(params, exp_avgs, grads, *HYPER.values())
+    for p, m, g in single:
+        torch.ops.sage_dist.lion_update_(p, m, g, *HYPER.values())
+    for (p, m, _), (q, n, _) in zip(multi, single):
+        assert torch.equal(p, q) and torch.equal(m, n)
+
+
+@needs_ext
+def test_lion_multi_opcheck():
+    params, exp_avgs, grads = split(lion_lists()[:3])
+    torch.library.opcheck(torch.ops.sage_dist.lion_update_multi_.default,
+                          (params, exp_avgs, grads, *HYPER.values()))
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_lion_multi_rejects_bad_lists(impl):
+    if impl == "kernel" and not ops.HAS_EXTENSION:
+        pytest.skip("sage_dist._C not built")
+    fn = (torch.ops.sage_dist.lion_update_multi_ if impl == "kernel"
+          else ops.lion_update_multi_reference)
+    params, exp_avgs, grads = split(lion_lists()[1:3])
+    with pytest.raises(RuntimeError, match="have 2, 1 and 2 tensors"):
+        fn(params, exp_avgs[:1], grads, *HYPER.values())
+    with pytest.raises(RuntimeError, match="exp_avg .*has dtype torch.bfloat16|exp_avg .*BFloat16"):
+        fn(params, [exp_avgs[0].bfloat16(), exp_avgs[1]], grads, *HYPER.values())
+
+
+@needs_ext
+def test_engine_issues_one_multi_tensor_lion_call_per_step(monkeypatch):
+    from torch import nn
+    from sage_dist import build_optimizer
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    calls = []
+    real = ops.lion_update_multi_
+    monkeypatch.setattr(ops, "lion_update_multi_",
+                        lambda *a: (calls.append(len(a[0])), real(*a))[1])
+    opt = build_optimizer(model, "lion")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert calls == [4]  # two weights and two biases, one call
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@needs_cuda_kernels
+def test_lion_multi_cuda_matches_cpu():
+    cuda, cpu = lion_lists("cuda"), lion_lists()
+    torch.ops.sage_dist.lion_update_multi_(*split(cuda), *HYPER.values())
+    torch.ops.sage_dist.lion_update_multi_(*split(cpu), *HYPER.values())
+    for (p, m, _), (q, n, _) in zip(cuda, cpu):
+        assert torch.equal(p.cpu(), q) and torch.equal(m.cpu(), n)

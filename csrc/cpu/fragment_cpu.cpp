@@ -11,12 +11,14 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -298,6 +300,47 @@ void scaled_update_cpu(const at::Tensor& param, const at::Tensor& grad,
 }
 
 // ---------------------------------------------------------------------------
+void rescale(float* scale, const float* s, int64_t n, float target, float eps) {
+  for (int64_t i = 0; i < n; ++i)
+    scale[i] = elementwise::sinkhorn_rescale(scale[i], s[i], target, eps);
+}
+
+at::Tensor sinkhorn_rescale_cpu(const at::Tensor& scale, const at::Tensor& s, double target,
+                                double eps) {
+  check_sinkhorn_rescale_args(scale, s, kCPU);
+  at::Tensor out = scale.clone();
+  rescale(out.data_ptr<float>(), s.const_data_ptr<float>(), out.numel(),
+          static_cast<float>(target), static_cast<float>(eps));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sinkhorn_scales_cpu(const at::Tensor& grad, int64_t R,
+                                                       int64_t C, int64_t iters, double eps,
+                                                       double row_target, double col_target) {
+  check_sinkhorn_scales_args(grad, R, C, iters, eps, kCPU);
+  const auto f32 = grad.options().dtype(at::kFloat);
+  at::Tensor r = at::ones({R}, f32), c = at::ones({C}, f32);
+  at::Tensor rows = at::zeros({R}, f32), cols = at::zeros({C}, f32);
+  float *rp = r.data_ptr<float>(), *cp = c.data_ptr<float>();
+  float *rs = rows.data_ptr<float>(), *cs = cols.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  const float rt = static_cast<float>(row_target), ct = static_cast<float>(col_target);
+  dispatch_float_or_bfloat16(grad.scalar_type(), "sage_dist::sinkhorn_scales", "grad",
+                             [&](auto tag) {
+    using G = decltype(tag);
+    const GradSource<G> x{grad.const_data_ptr<G>()};
+    const int64_t n = grad.numel();
+    for (int64_t it = 0; it < iters; ++it) {
+      square_sums<G>(x, nullptr, cp, n, C, 0, 1, rs);
+      rescale(rp, rs, R, rt, e);
+      square_sums<G>(x, rp, nullptr, n, C, 0, 0, cs);
+      rescale(cp, cs, C, ct, e);
+    }
+  });
+  return {r, c};
+}
+
+// ---------------------------------------------------------------------------
 template <typename P, typename G>
 void momentum_scaled_rows(P* param, float* m, const G* grad, const float* r, const float* c,
                           int64_t n, int64_t C, int64_t start,
@@ -341,6 +384,8 @@ void momentum_scaled_update_cpu(const at::Tensor& param, const at::Tensor& m,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sage_dist, CPU, m) {
+  m.impl("sinkhorn_rescale", &sinkhorn_rescale_cpu);
+  m.impl("sinkhorn_scales", &sinkhorn_scales_cpu);
   m.impl("momentum_scaled_update_", &momentum_scaled_update_cpu);
   m.impl("colsum_abs", &colsum_abs_cpu);
   m.impl("sq_sums", &sq_sums_cpu);

@@ -5,6 +5,7 @@
 // COMPILED, NEVER RUN: no GPU was available where this was written (see README).
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <tuple>
 
 #include "sage_dist/checks.h"
 #include "sage_dist/elementwise.h"
@@ -224,6 +226,49 @@ void scaled_update_cuda(const at::Tensor& param, const at::Tensor& grad,
   });
 }
 
+__global__ void rescale_kernel(float* __restrict__ scale, const float* __restrict__ s,
+                               int64_t n, float target, float eps) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) scale[i] = elementwise::sinkhorn_rescale(scale[i], s[i], target, eps);
+}
+
+void rescale(at::Tensor& scale, const at::Tensor& s, float target, float eps) {
+  const int64_t n = scale.numel();
+  rescale_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0,
+                   c10::cuda::getCurrentCUDAStream()>>>(scale.data_ptr<float>(),
+                                                         s.const_data_ptr<float>(), n, target,
+                                                         eps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor sinkhorn_rescale_cuda(const at::Tensor& scale, const at::Tensor& s, double target,
+                                 double eps) {
+  check_sinkhorn_rescale_args(scale, s, kCUDA);
+  const c10::cuda::CUDAGuard guard(scale.device());
+  at::Tensor out = scale.clone();
+  if (out.numel() > 0) rescale(out, s, static_cast<float>(target), static_cast<float>(eps));
+  return out;
+}
+
+// The iterations are a host loop of the statistics kernels and a small rescale kernel per
+// half-iteration, all on the current stream: no synchronisation with the host.
+std::tuple<at::Tensor, at::Tensor> sinkhorn_scales_cuda(const at::Tensor& grad, int64_t R,
+                                                        int64_t C, int64_t iters, double eps,
+                                                        double row_target, double col_target) {
+  check_sinkhorn_scales_args(grad, R, C, iters, eps, kCUDA);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const auto f32 = grad.options().dtype(at::kFloat);
+  at::Tensor r = at::ones({R}, f32), c = at::ones({C}, f32);
+  const float e = static_cast<float>(eps);
+  for (int64_t it = 0; it < iters; ++it) {
+    rescale(r, sq_sums_cuda(grad, std::nullopt, c, R, C, 0, 1, std::nullopt, 0.0),
+            static_cast<float>(row_target), e);
+    rescale(c, sq_sums_cuda(grad, r, std::nullopt, R, C, 0, 0, std::nullopt, 0.0),
+            static_cast<float>(col_target), e);
+  }
+  return {r, c};
+}
+
 template <typename P, typename G>
 __global__ void momentum_scaled_kernel(P* __restrict__ param, float* __restrict__ m,
                                        const G* __restrict__ grad, const float* __restrict__ r,
@@ -269,6 +314,8 @@ void momentum_scaled_update_cuda(const at::Tensor& param, const at::Tensor& m,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sage_dist, CUDA, m) {
+  m.impl("sinkhorn_rescale", &sinkhorn_rescale_cuda);
+  m.impl("sinkhorn_scales", &sinkhorn_scales_cuda);
   m.impl("momentum_scaled_update_", &momentum_scaled_update_cuda);
   m.impl("colsum_abs", &colsum_abs_cuda);
   m.impl("sq_sums", &sq_sums_cuda);

@@ -153,7 +153,8 @@ class RoutedOptimizer(torch.optim.Optimizer):
             if low:
                 st = {**st, **{k: v.float() for k, v in low.items()}}
             runs.append([f, p, rule.run(f, p, g, st, group), g, st, low, group])
-        self._run_phases(runs)
+        with ops.deferred() as batch:
+            self._run_phases(runs, batch)
         for group in self.param_groups:  # (a checkpoint from before this key lacks it)
             group["round_step"] = group.get("round_step", 0) + 1
         return loss
@@ -226,7 +227,10 @@ class RoutedOptimizer(torch.optim.Optimizer):
         out["total"] = out["elementwise"] + out["replicated"]
         return out
 
-    def _run_phases(self, runs) -> None:
+    def _run_phases(self, runs, batch) -> None:
+        """Drive every rule's generator phase by phase. Element-wise updates the rules issue
+        in a phase are collected by `batch` and run as multi-tensor calls at its end, before
+        the finished fragments are written back to their storage."""
         reducer = self.layout.reducer
         # Phase 0 carries one finiteness flag per parameter beside the rules' first statistics.
         requests = []
@@ -238,13 +242,16 @@ class RoutedOptimizer(torch.optim.Optimizer):
             if first:
                 answers = self._drop_nonfinite(runs, answers)
                 first = False
-            next_runs, requests = [], []
+            next_runs, requests, finished = [], [], []
             for run, ans in zip(runs, answers):
                 try:
                     requests.append(run[2].send(ans))
                     next_runs.append(run)
                 except StopIteration:
-                    self._write_back(run)
+                    finished.append(run)
+            batch.flush()
+            for run in finished:
+                self._write_back(run)
             runs = next_runs
 
     def _drop_nonfinite(self, runs, answers):

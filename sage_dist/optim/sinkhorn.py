@@ -15,16 +15,6 @@ from .. import ops
 from .base import Rule, check_iters, check_lr, check_nonneg, check_positive
 
 
-def _rescale(scale: torch.Tensor, sq_sum: torch.Tensor, target: float, eps: float) -> torch.Tensor:
-    """scale <- target * scale / (norm + eps), where norm = scale * sqrt(sq_sum).
-
-    A line of X that is exactly zero stays zero whatever its scale, so its scale is kept:
-    dividing by eps there would grow the scale each iteration until it overflowed.
-    """
-    norm = scale * sq_sum.sqrt()
-    return torch.where(sq_sum > 0, scale * target / (norm + eps), scale)
-
-
 def sinkhorn_scales(f, g: torch.Tensor, iters: int, eps: float, row_target: float,
                     col_target: float, fused: bool = False):
     """Generator: yields row then column statistics `iters` times, returns the scales (r, c).
@@ -34,23 +24,25 @@ def sinkhorn_scales(f, g: torch.Tensor, iters: int, eps: float, row_target: floa
     runs all 2L passes back to back, while g is still in cache, instead of one per phase.
     fused: each statistic is one pass of sage_dist::sq_sums over g (no temporaries)."""
     R, C, start = f.rows, f.cols, f.span.start
-    r = torch.ones(R, dtype=torch.float32, device=g.device)
-    c = torch.ones(C, dtype=torch.float32, device=g.device)
-    g2 = None if fused else g * g
     local = f.whole
     if local:
         yield []
+        if fused:  # every pass and rescale in one native call
+            return ops.sinkhorn_scales(g, R, C, iters, eps, row_target, col_target)
+    r = torch.ones(R, dtype=torch.float32, device=g.device)
+    c = torch.ones(C, dtype=torch.float32, device=g.device)
+    g2 = None if fused else g * g
     for _ in range(iters):
         rows = (ops.sq_sums(g, None, c, R, C, start, 1) if fused
                 else f.span.row_sum(f.span.scale(g2, col=c * c)))
         if not local:
             (rows,) = yield [("row", rows)]
-        r = _rescale(r, rows, row_target, eps)
+        r = ops.sinkhorn_rescale(r, rows, row_target, eps)
         cols = (ops.sq_sums(g, r, None, R, C, start, 0) if fused
                 else f.span.col_sum(f.span.scale(g2, row=r * r)))
         if not local:
             (cols,) = yield [("col", cols)]
-        c = _rescale(c, cols, col_target, eps)
+        c = ops.sinkhorn_rescale(c, cols, col_target, eps)
     return r, c
 
 

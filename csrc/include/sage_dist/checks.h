@@ -72,6 +72,21 @@ inline void check_lion_args(const at::Tensor& param, const at::Tensor& exp_avg,
   check_contiguous(grad, op, "grad");
 }
 
+// Checks shared by every lion_update_multi_ kernel: equal list lengths, then each triple as
+// lion_update_ checks it.
+inline void check_lion_multi_args(const at::TensorList& params, const at::TensorList& exp_avgs,
+                                  const at::TensorList& grads, c10::DeviceType device_type) {
+  TORCH_CHECK(params.size() == exp_avgs.size() && params.size() == grads.size(),
+              "sage_dist::lion_update_multi_: params, exp_avgs and grads have ", params.size(),
+              ", ", exp_avgs.size(), " and ", grads.size(), " tensors; they must have as many");
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_lion_args(params[i], exp_avgs[i], grads[i], device_type);
+    TORCH_CHECK(params[i].device() == params[0].device(), "sage_dist::lion_update_multi_: ",
+                "params[", i, "] is on ", params[i].device(), " but params[0] is on ",
+                params[0].device(), "; all tensors must be on one device");
+  }
+}
+
 // Checks shared by every round_bf16_ kernel.
 inline void check_round_bf16_args(const at::Tensor& out, const at::Tensor& src, int64_t offset,
                                   c10::DeviceType device_type) {

@@ -16,6 +16,7 @@
 #define SD_HOST_DEVICE
 #endif
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -155,6 +156,17 @@ SD_HOST_DEVICE inline MomentumCoeffs make_momentum_coeffs(double beta) {
 template <typename T>
 SD_HOST_DEVICE inline T momentum(T m, T g, const MomentumCoeffs& k) {
   return T(k.beta) * m + T(k.one_minus_beta) * g;
+}
+
+// One Sinkhorn half-iteration for one row (or column) scale (spec §2-3): with the complete
+// sum of squares s = sum (g r c)^2 along that line, the line of X = g r c gets norm `target`:
+//   scale <- target * scale / (scale * sqrt(s) + eps)   if s > 0, else unchanged
+// (an all-zero line of X stays zero whatever its scale, and dividing by eps there would grow
+// the scale without bound). target and eps arrive already rounded to fp32.
+SD_HOST_DEVICE inline float sinkhorn_rescale(float scale, float s, float target, float eps) {
+  if (!(s > 0.f)) return scale;
+  const float norm = scale * sqrtf(s);
+  return (scale * target) / (norm + eps);
 }
 
 // The value whose square the Sinkhorn / SCALE statistics sum: g r c.

@@ -41,6 +41,24 @@ inline void check_sq_sums_args(const at::Tensor& grad, const std::optional<at::T
   if (c) check_scale_vector(grad, *c, C, op, "c", dev);
 }
 
+inline void check_sinkhorn_rescale_args(const at::Tensor& scale, const at::Tensor& s,
+                                        c10::DeviceType dev) {
+  constexpr const char* op = "sage_dist::sinkhorn_rescale";
+  check_scale_vector(scale, scale, -1, op, "scale", dev);
+  check_scale_vector(scale, s, scale.numel(), op, "s", dev);
+}
+
+inline void check_sinkhorn_scales_args(const at::Tensor& grad, int64_t R, int64_t C,
+                                       int64_t iters, double eps, c10::DeviceType dev) {
+  constexpr const char* op = "sage_dist::sinkhorn_scales";
+  check_fragment_tensor(grad, "grad", grad, op, "grad", dev);
+  TORCH_CHECK(R >= 1 && C >= 1, op, ": R=", R, ", C=", C, " is invalid; allowed: R, C >= 1");
+  TORCH_CHECK(grad.numel() == R * C, op, ": grad has ", grad.numel(), " elements; the whole [",
+              R, ", ", C, "] matrix has ", R * C);
+  TORCH_CHECK(iters >= 1, op, ": iters=", iters, " is invalid; allowed: iters >= 1");
+  TORCH_CHECK(eps > 0, op, ": eps=", eps, " is invalid; allowed: eps > 0");
+}
+
 inline void check_sage_update_args(const at::Tensor& param, const at::Tensor& m,
                                    const at::Tensor& grad, const at::Tensor& h, int64_t C,
                                    int64_t start, c10::DeviceType dev) {
