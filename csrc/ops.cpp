@@ -64,6 +64,17 @@ TORCH_LIBRARY(sage_dist, m) {
       "sinkhorn_scales(Tensor grad, int R, int C, int iters, float eps, float row_target, "
       "float col_target) -> (Tensor, Tensor)");
 
+  // Many fragments at once (one CUDA launch per dtype pair): element-wise the same as
+  // scaled_update_ / sage_update_ on each entry of the lists. Here r and c are required
+  // (pass ones for an absent scale: multiplying by 1 is exact).
+  m.def(
+      "scaled_update_multi_(Tensor(a!)[] params, Tensor[] grads, Tensor[] rs, Tensor[] cs, "
+      "int[] Cs, int[] starts, float lr, float weight_decay, float step) -> ()");
+  m.def(
+      "sage_update_multi_(Tensor(a!)[] params, Tensor(b!)[] ms, Tensor[] grads, Tensor[] hs, "
+      "int[] Cs, int[] starts, float lr, float beta1, float beta2, float weight_decay, "
+      "bool momentum_first) -> ()");
+
   // SCALE's head (spec §4): m <- beta m + (1 - beta) grad, then scaled_update_ with m in
   // place of grad, in one pass.
   m.def(

@@ -47,7 +47,8 @@ def _kernel_devices(qualname: str) -> frozenset[str]:
 _LION_DEVICES = _kernel_devices("sage_dist::lion_update_")
 _LION_MULTI_DEVICES = _kernel_devices("sage_dist::lion_update_multi_")
 FRAGMENT_OPS = ("colsum_abs", "sq_sums", "sage_update_", "scaled_update_",
-                "momentum_scaled_update_", "sinkhorn_rescale", "sinkhorn_scales", "round_bf16_")
+                "momentum_scaled_update_", "sinkhorn_rescale", "sinkhorn_scales", "round_bf16_",
+                "scaled_update_multi_", "sage_update_multi_")
 _FRAGMENT_DEVICES = {op: _kernel_devices(f"sage_dist::{op}") for op in FRAGMENT_OPS}
 
 # The rules call the fused ops unless this is off (SAGE_DIST_FUSED=0 in the environment, or
@@ -202,8 +203,8 @@ def lion_update_multi_(params, exp_avgs, grads, lr: float, beta1: float, beta2: 
 class DeferredUpdates:
     """Collects fused element-wise updates issued while it is active (see `deferred`) and runs
     each set that shares an op, hyperparameters and device as ONE multi-tensor call at
-    `flush()`. Only ops whose caller is done with the tensors once it has issued the update
-    are deferred (today: lion_update_)."""
+    `flush()`. Only ops whose callers are done with the tensors once they have issued the
+    update are deferred: lion_update_, scaled_update_ and sage_update_."""
 
     def __init__(self):
         self.pending: dict[tuple, list] = {}
@@ -214,8 +215,9 @@ class DeferredUpdates:
     def flush(self) -> None:
         pending, self.pending = self.pending, {}
         for (op, device, *hp), items in pending.items():
-            params, exp_avgs, grads = (list(t) for t in zip(*items))
-            lion_update_multi_(params, exp_avgs, grads, *hp)
+            lists = [list(t) for t in zip(*items)]
+            {"lion_update_": lion_update_multi_, "scaled_update_": scaled_update_multi_,
+             "sage_update_": sage_update_multi_}[op](*lists, *hp)
 
 
 _DEFERRED: DeferredUpdates | None = None
@@ -223,7 +225,8 @@ _DEFERRED: DeferredUpdates | None = None
 
 @contextlib.contextmanager
 def deferred():
-    """Within this context lion_update_ calls are collected, not run; the caller must call
+    """Within this context lion_update_, scaled_update_ and sage_update_ calls are collected,
+    not run (when the extension has their multi-tensor kernels); the caller must call
     flush() on the yielded object before it reads the updated tensors (it is flushed on exit
     too). The optimizer engine uses this to issue one multi-tensor update per phase."""
     global _DEFERRED
@@ -494,6 +497,10 @@ def sage_update_(param, m, grad, h, C: int, start: int, lr: float, beta1: float,
     """SAGE's step in one pass, in place on param (fp32 or bf16) and m (fp32)."""
     args = (param, m, grad, h, int(C), int(start), float(lr), float(beta1), float(beta2),
             float(weight_decay), bool(momentum_first))
+    if _DEFERRED is not None and param.device.type in _FRAGMENT_DEVICES["sage_update_multi_"]:
+        _check_sage_update_args(param, m, grad, h, int(C), int(start))
+        _DEFERRED.add(("sage_update_", param.device, *args[6:]), args[:6])
+        return
     if _use_kernel("sage_update_", param):
         with torch.no_grad():
             torch.ops.sage_dist.sage_update_(*args)
@@ -505,11 +512,77 @@ def scaled_update_(param, grad, r, c, C: int, start: int, lr: float, weight_deca
                    step: float) -> None:
     """param <- param (1 - lr wd) - step (grad r c) over a fragment, in place."""
     args = (param, grad, r, c, int(C), int(start), float(lr), float(weight_decay), float(step))
+    if _DEFERRED is not None and param.device.type in _FRAGMENT_DEVICES["scaled_update_multi_"]:
+        _check_scaled_update_args(*args[:6])
+        n, C, start = param.numel(), int(C), int(start)
+        if r is None:  # the multi-tensor op takes both scales; 1 is exact
+            r = torch.ones((start + n - 1) // C + 1 if n else 1, device=param.device)
+        if c is None:
+            c = torch.ones(C, device=param.device)
+        _DEFERRED.add(("scaled_update_", param.device, *args[6:]), (param, grad, r, c, C, start))
+        return
     if _use_kernel("scaled_update_", param):
         with torch.no_grad():
             torch.ops.sage_dist.scaled_update_(*args)
     else:
         scaled_update_reference(*args)
+
+
+def _check_multi_lengths(op, *lists):
+    if len({len(x) for x in lists}) > 1:
+        raise RuntimeError(f"{op}: the argument lists have different lengths "
+                           f"({', '.join(str(len(x)) for x in lists)}); they must have one "
+                           f"entry per fragment")
+
+
+def _check_scaled_update_multi_args(params, grads, rs, cs, Cs, starts):
+    op = "sage_dist::scaled_update_multi_"
+    _check_multi_lengths(op, params, grads, rs, cs, Cs, starts)
+    for args in zip(params, grads, rs, cs, Cs, starts):
+        _check_scaled_update_args(*args, op=op)
+
+
+def _check_sage_update_multi_args(params, ms, grads, hs, Cs, starts):
+    _check_multi_lengths("sage_dist::sage_update_multi_", params, ms, grads, hs, Cs, starts)
+    for args in zip(params, ms, grads, hs, Cs, starts):
+        _check_sage_update_args(*args)
+
+
+def scaled_update_multi_reference(params, grads, rs, cs, Cs, starts, lr, weight_decay, step):
+    _check_scaled_update_multi_args(params, grads, rs, cs, Cs, starts)
+    for args in zip(params, grads, rs, cs, Cs, starts):
+        scaled_update_reference(*args, lr, weight_decay, step)
+
+
+def sage_update_multi_reference(params, ms, grads, hs, Cs, starts, lr, beta1, beta2,
+                                weight_decay, momentum_first):
+    _check_sage_update_multi_args(params, ms, grads, hs, Cs, starts)
+    for args in zip(params, ms, grads, hs, Cs, starts):
+        sage_update_reference(*args, lr, beta1, beta2, weight_decay, momentum_first)
+
+
+def scaled_update_multi_(params, grads, rs, cs, Cs, starts, lr: float, weight_decay: float,
+                         step: float) -> None:
+    """scaled_update_ on every entry of the lists in one call (r, c required)."""
+    args = ([*params], [*grads], [*rs], [*cs], [int(x) for x in Cs], [int(x) for x in starts],
+            float(lr), float(weight_decay), float(step))
+    if params and _use_kernel("scaled_update_multi_", params[0]):
+        with torch.no_grad():
+            torch.ops.sage_dist.scaled_update_multi_(*args)
+    else:
+        scaled_update_multi_reference(*args)
+
+
+def sage_update_multi_(params, ms, grads, hs, Cs, starts, lr: float, beta1: float, beta2: float,
+                       weight_decay: float, momentum_first: bool) -> None:
+    """sage_update_ on every entry of the lists in one call."""
+    args = ([*params], [*ms], [*grads], [*hs], [int(x) for x in Cs], [int(x) for x in starts],
+            float(lr), float(beta1), float(beta2), float(weight_decay), bool(momentum_first))
+    if params and _use_kernel("sage_update_multi_", params[0]):
+        with torch.no_grad():
+            torch.ops.sage_dist.sage_update_multi_(*args)
+    else:
+        sage_update_multi_reference(*args)
 
 
 def sinkhorn_rescale(scale: torch.Tensor, sq_sum: torch.Tensor, target: float,
@@ -663,4 +736,15 @@ if HAS_EXTENSION:
     @torch.library.register_fake("sage_dist::lion_update_multi_")
     def _lion_update_multi_fake(params, exp_avgs, grads, lr, beta1, beta2, weight_decay):
         _check_lion_multi_args(params, exp_avgs, grads)
+        return None
+
+    @torch.library.register_fake("sage_dist::scaled_update_multi_")
+    def _scaled_update_multi_fake(params, grads, rs, cs, Cs, starts, lr, weight_decay, step):
+        _check_scaled_update_multi_args(params, grads, rs, cs, Cs, starts)
+        return None
+
+    @torch.library.register_fake("sage_dist::sage_update_multi_")
+    def _sage_update_multi_fake(params, ms, grads, hs, Cs, starts, lr, beta1, beta2,
+                                weight_decay, momentum_first):
+        _check_sage_update_multi_args(params, ms, grads, hs, Cs, starts)
         return None

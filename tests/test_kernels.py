@@ -223,6 +223,82 @@ def test_momentum_scaled_update(frag, dtype, scales):
     assert_close(out[0][0], out[1][0])
 
 
+def fragment_lists(dtypes=((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                            (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16))):
+    """One fragment of each kind in FRAGMENTS, with mixed param / grad dtypes."""
+    out = []
+    for k, frag in enumerate(FRAGMENTS):
+        pd, gd = dtypes[k % len(dtypes)]
+        t = inputs(*frag, torch.float32, seed=k)
+        t["param"], t["grad"] = t["param"].to(pd), t["grad"].to(gd)
+        out.append((frag[0], t))
+    return out
+
+
+@needs_ext
+def test_scaled_update_multi_equals_one_call_per_fragment():
+    multi, single = fragment_lists(), fragment_lists()
+    torch.ops.sage_dist.scaled_update_multi_(
+        [t["param"] for _, t in multi], [t["grad"] for _, t in multi],
+        [t["r"] for _, t in multi], [t["c"] for _, t in multi], [C] * len(multi),
+        [start for start, _ in multi], 3e-2, 0.1, 0.3)
+    for start, t in single:
+        torch.ops.sage_dist.scaled_update_(t["param"], t["grad"], t["r"], t["c"], C, start,
+                                           3e-2, 0.1, 0.3)
+    for (_, a), (_, b) in zip(multi, single):
+        assert torch.equal(a["param"], b["param"])
+
+
+@needs_ext
+@pytest.mark.parametrize("momentum_first", [True, False])
+def test_sage_update_multi_equals_one_call_per_fragment(momentum_first):
+    multi, single = fragment_lists(), fragment_lists()
+    torch.ops.sage_dist.sage_update_multi_(
+        [t["param"] for _, t in multi], [t["m"] for _, t in multi],
+        [t["grad"] for _, t in multi], [t["h"] for _, t in multi], [C] * len(multi),
+        [start for start, _ in multi], *SAGE_HP.values(), momentum_first)
+    for start, t in single:
+        torch.ops.sage_dist.sage_update_(t["param"], t["m"], t["grad"], t["h"], C, start,
+                                         *SAGE_HP.values(), momentum_first)
+    for (_, a), (_, b) in zip(multi, single):
+        assert torch.equal(a["param"], b["param"]) and torch.equal(a["m"], b["m"])
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_multi_lists_of_different_lengths_rejected(impl):
+    if impl == "kernel" and not ops.HAS_EXTENSION:
+        pytest.skip("sage_dist._C not built")
+    fn = (torch.ops.sage_dist.scaled_update_multi_ if impl == "kernel"
+          else ops.scaled_update_multi_reference)
+    (s0, a), (s1, b) = fragment_lists()[:2]
+    with pytest.raises(RuntimeError, match="lists have different lengths"):
+        fn([a["param"], b["param"]], [a["grad"], b["grad"]], [a["r"]], [a["c"], b["c"]], [C, C],
+           [s0, s1], 0.1, 0.0, 0.1)
+
+
+@needs_ext
+@pytest.mark.parametrize("recipe, op, calls", [
+    ("sage-hybrid", "scaled_update_multi_", [3]),  # a, b and head (Sinkhorn), one call
+    ("sage-hybrid", "sage_update_multi_", [1]),    # the embedding
+    ("scale", "scaled_update_multi_", [4])])       # embedding and dense rules share lr, wd
+def test_engine_batches_the_updates_of_a_phase(monkeypatch, recipe, op, calls):
+    """The engine issues one multi-tensor call per op and hyperparameter set in a phase."""
+    from torch import nn
+    from sage_dist import build_optimizer
+    torch.manual_seed(0)
+    model = nn.ModuleDict(dict(embed=nn.Embedding(50, 16), a=nn.Linear(16, 24, bias=False),
+                               b=nn.Linear(24, 16, bias=False), head=nn.Linear(16, 50,
+                                                                               bias=False)))
+    seen = []
+    real = getattr(ops, op)
+    monkeypatch.setattr(ops, op, lambda *a: (seen.append(len(a[0])), real(*a))[1])
+    opt = build_optimizer(model, recipe)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert seen == calls
+
+
 def test_scaled_update_reference_by_hand():
     p = torch.tensor([1.0, 1.0, 1.0])
     g = torch.tensor([1.0, 2.0, 4.0])                # [2, 2] matrix, fragment [1, 4)
@@ -251,6 +327,13 @@ def opcheck_cases():
                                       0.01, 0.0, 0.01)
     yield "momentum_scaled_update_", (tb["param"], tb["m"], tb["grad"], None, None, C, 70, 0.5,
                                       0.01, 0.1, 0.01)
+    fl = fragment_lists()[:3]
+    yield "scaled_update_multi_", ([t["param"] for _, t in fl], [t["grad"] for _, t in fl],
+                                   [t["r"] for _, t in fl], [t["c"] for _, t in fl], [C] * 3,
+                                   [s for s, _ in fl], 0.01, 0.1, 0.1)
+    yield "sage_update_multi_", ([t["param"] for _, t in fl], [t["m"] for _, t in fl],
+                                 [t["grad"] for _, t in fl], [t["h"] for _, t in fl], [C] * 3,
+                                 [s for s, _ in fl], 0.01, 0.9, 0.99, 0.1, True)
     yield "sinkhorn_rescale", (t["r"], t["r"] * 3, 1.5, 1e-8)
     yield "sinkhorn_scales", (inputs(0, R * C, torch.float32)["grad"], R, C, 2, 1e-8, 1.0, 1.0)
     yield "sinkhorn_scales", (inputs(0, R * C, torch.bfloat16)["grad"], R, C, 1, 1e-8, 2.0, 0.5)

@@ -93,18 +93,36 @@ const float* opt_ptr(const std::optional<at::Tensor>& t) {
   return t ? t->const_data_ptr<float>() : nullptr;
 }
 
-// Column sums over the fragment into out[C], one row of double accumulators per thread:
-// add_row(acc, i, c0, len, off) adds the terms of row i, columns [c0, c0 + len), which sit at
-// offset `off` of the fragment, into acc[0, len). The per-thread rows are combined in thread
-// order at the end.
+// Column sums over the fragment into out[C]. add_row(acc, i, c0, len, off) adds the terms
+// of row i, columns [c0, c0 + len), which sit at offset `off` of the fragment, into the fp32
+// acc[0, len). Each thread sums kBlockRows rows per column in fp32 (all terms here are >= 0,
+// so that partial sum is within (kBlockRows - 1) fp32 roundings, under 5e-7 relative), then
+// adds it to a double accumulator; the threads' doubles are combined in thread order.
+constexpr int kBlockRows = 8;
+
 template <typename AddRow>
 void column_sums(int64_t n, int64_t C, int64_t start, float* out, const AddRow& add_row) {
   const int threads = at::get_num_threads();
   std::vector<double> acc(static_cast<size_t>(threads) * C, 0.0);
+  std::vector<float> part(static_cast<size_t>(threads) * C, 0.f);
+  std::vector<int64_t> rows_in_part(static_cast<size_t>(threads) * 16, 0);  // 128 B apart
+  auto flush = [&](int t) {
+    double* a = acc.data() + static_cast<int64_t>(t) * C;
+    float* f = part.data() + static_cast<int64_t>(t) * C;
+    for (int64_t j = 0; j < C; ++j) {
+      a[j] += static_cast<double>(f[j]);
+      f[j] = 0.f;
+    }
+  };
   for_each_row(n, C, start, [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
-    double* a = acc.data() + static_cast<int64_t>(at::get_thread_num()) * C;
-    add_row(a + c0, i, c0, c1 - c0, off);
+    const int t = at::get_thread_num();
+    add_row(part.data() + static_cast<int64_t>(t) * C + c0, i, c0, c1 - c0, off);
+    if (++rows_in_part[16 * t] == kBlockRows) {
+      flush(t);
+      rows_in_part[16 * t] = 0;
+    }
   });
+  for (int t = 0; t < threads; ++t) flush(t);
   for (int64_t j = 0; j < C; ++j) {
     double s = 0.0;
     for (int t = 0; t < threads; ++t) s += acc[static_cast<size_t>(t) * C + j];
@@ -120,10 +138,9 @@ at::Tensor colsum_abs_cpu(const at::Tensor& grad, int64_t C, int64_t start) {
     using G = decltype(tag);
     const G* g = grad.const_data_ptr<G>();
     column_sums(grad.numel(), C, start, out.data_ptr<float>(),
-                [g](double* a, int64_t, int64_t, int64_t len, int64_t off) {
+                [g](float* a, int64_t, int64_t, int64_t len, int64_t off) {
                   const G* row = g + off;
-                  for (int64_t j = 0; j < len; ++j)
-                    a[j] += static_cast<double>(std::fabs(static_cast<float>(row[j])));
+                  for (int64_t j = 0; j < len; ++j) a[j] += std::fabs(static_cast<float>(row[j]));
                 });
   });
   return out;
@@ -145,19 +162,31 @@ double row_square_sum(const Src& x, const float* c, float ri, int64_t len) {
   int64_t j = 0;
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<G, float>) {
-    // Four vector accumulators of 4 doubles: lane l of accumulator a takes the terms j with
-    // j % 16 == 4a + l, in order; the tail below adds to lane 0.
+    // Two fp32 vectors take kBlockRows terms per lane (lane l of vector h: the terms j with
+    // j % 16 == 8h + l, in order), then move into four double vectors; the tail below adds
+    // to lane 0. As in the column sums, a lane's fp32 part is within 7 roundings.
     __m256d a[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(),
                     _mm256_setzero_pd()};
+    __m256 f[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     const F8 rv(ri), one(1.f);
+    int terms = 0;
+    auto flush = [&] {
+      for (int h = 0; h < 2; ++h) {
+        a[2 * h] = _mm256_add_pd(a[2 * h], _mm256_cvtps_pd(_mm256_castps256_ps128(f[h])));
+        a[2 * h + 1] = _mm256_add_pd(a[2 * h + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(f[h], 1)));
+        f[h] = _mm256_setzero_ps();
+      }
+      terms = 0;
+    };
     for (; j + 16 <= len; j += 16) {
       for (int h = 0; h < 2; ++h) {
         const F8 sq = elementwise::scaled_square(x.vec(j + 8 * h), rv,
                                                  c ? F8::load(c + j + 8 * h) : one);
-        a[2 * h] = _mm256_add_pd(a[2 * h], _mm256_cvtps_pd(_mm256_castps256_ps128(sq.v)));
-        a[2 * h + 1] = _mm256_add_pd(a[2 * h + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(sq.v, 1)));
+        f[h] = _mm256_add_ps(f[h], sq.v);
       }
+      if (++terms == kBlockRows) flush();
     }
+    flush();
     double lanes[16];
     for (int h = 0; h < 4; ++h) _mm256_storeu_pd(lanes + 4 * h, a[h]);
     for (int l = 0; l < 16; ++l) acc[l % kLanes] += lanes[l];
@@ -175,13 +204,11 @@ double row_square_sum(const Src& x, const float* c, float ri, int64_t len) {
 }
 
 template <typename Src>
-void add_column_squares(double* acc, const Src& x, const float* c, float ri, int64_t len) {
+void add_column_squares(float* acc, const Src& x, const float* c, float ri, int64_t len) {
   if (c) {
-    for (int64_t j = 0; j < len; ++j)
-      acc[j] += static_cast<double>(elementwise::scaled_square(x.at(j), ri, c[j]));
+    for (int64_t j = 0; j < len; ++j) acc[j] += elementwise::scaled_square(x.at(j), ri, c[j]);
   } else {
-    for (int64_t j = 0; j < len; ++j)
-      acc[j] += static_cast<double>(elementwise::scaled_square(x.at(j), ri, 1.f));
+    for (int64_t j = 0; j < len; ++j) acc[j] += elementwise::scaled_square(x.at(j), ri, 1.f);
   }
 }
 
@@ -197,7 +224,7 @@ void square_sums(const Src& x, const float* r, const float* c, int64_t n, int64_
     });
     return;
   }
-  column_sums(n, C, start, out, [&](double* a, int64_t i, int64_t c0, int64_t len, int64_t off) {
+  column_sums(n, C, start, out, [&](float* a, int64_t i, int64_t c0, int64_t len, int64_t off) {
     add_column_squares(a, x.at_offset(off), c ? c + c0 : nullptr, r ? r[i] : 1.f, len);
   });
 }
@@ -341,6 +368,28 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_scales_cpu(const at::Tensor& grad, i
 }
 
 // ---------------------------------------------------------------------------
+// Multi-tensor forms: on the CPU, the single-fragment kernels one after the other (each is
+// already parallel over its rows); what they save is the per-call overhead.
+void scaled_update_multi_cpu(at::TensorList params, at::TensorList grads, at::TensorList rs,
+                             at::TensorList cs, at::IntArrayRef Cs, at::IntArrayRef starts,
+                             double lr, double weight_decay, double step) {
+  check_scaled_update_multi_args(params, grads, rs, cs, Cs, starts, kCPU);
+  for (size_t i = 0; i < params.size(); ++i)
+    scaled_update_cpu(params[i], grads[i], rs[i], cs[i], Cs[i], starts[i], lr, weight_decay,
+                      step);
+}
+
+void sage_update_multi_cpu(at::TensorList params, at::TensorList ms, at::TensorList grads,
+                           at::TensorList hs, at::IntArrayRef Cs, at::IntArrayRef starts,
+                           double lr, double beta1, double beta2, double weight_decay,
+                           bool momentum_first) {
+  check_sage_update_multi_args(params, ms, grads, hs, Cs, starts, kCPU);
+  for (size_t i = 0; i < params.size(); ++i)
+    sage_update_cpu(params[i], ms[i], grads[i], hs[i], Cs[i], starts[i], lr, beta1, beta2,
+                    weight_decay, momentum_first);
+}
+
+// ---------------------------------------------------------------------------
 template <typename P, typename G>
 void momentum_scaled_rows(P* param, float* m, const G* grad, const float* r, const float* c,
                           int64_t n, int64_t C, int64_t start,
@@ -384,6 +433,8 @@ void momentum_scaled_update_cpu(const at::Tensor& param, const at::Tensor& m,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sage_dist, CPU, m) {
+  m.impl("scaled_update_multi_", &scaled_update_multi_cpu);
+  m.impl("sage_update_multi_", &sage_update_multi_cpu);
   m.impl("sinkhorn_rescale", &sinkhorn_rescale_cpu);
   m.impl("sinkhorn_scales", &sinkhorn_scales_cpu);
   m.impl("momentum_scaled_update_", &momentum_scaled_update_cpu);

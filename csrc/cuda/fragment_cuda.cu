@@ -1,6 +1,7 @@
 // CUDA kernels of the fragment ops: sage_dist::colsum_abs, sq_sums, sage_update_,
 // scaled_update_, momentum_scaled_update_ (math: csrc/include/sage_dist/elementwise.h). fp32 math in registers,
-// loads and stores in the storage dtype. One launch per fragment (not yet multi-tensor).
+// loads and stores in the storage dtype. One launch per fragment, or one per list of
+// fragments for the *_multi_ forms.
 //
 // COMPILED, NEVER RUN: no GPU was available where this was written (see README).
 
@@ -13,12 +14,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <vector>
 #include <optional>
 #include <tuple>
 
 #include "sage_dist/checks.h"
 #include "sage_dist/elementwise.h"
 #include "sage_dist/fragment_checks.h"
+#include "sage_dist/multi_tensor.cuh"
 
 namespace sage_dist {
 namespace {
@@ -226,6 +230,94 @@ void scaled_update_cuda(const at::Tensor& param, const at::Tensor& grad,
   });
 }
 
+// ---------------------------------------------------------------------------
+// Multi-tensor forms (sage_dist/multi_tensor.cuh): one launch per dtype pair.
+// Record: param, grad, r, c, C, start, numel.
+template <typename P, typename G>
+struct ScaledMultiOp {
+  elementwise::ScaledCoeffs k;
+  __device__ void operator()(const int64_t* rec, int64_t e) const {
+    P* param = multi_tensor::ptr<P>(rec[0]);
+    const G* grad = multi_tensor::ptr<const G>(rec[1]);
+    const float* r = multi_tensor::ptr<const float>(rec[2]);
+    const float* c = multi_tensor::ptr<const float>(rec[3]);
+    const int64_t C = rec[4], flat = rec[5] + e;
+    param[e] = static_cast<P>(elementwise::scaled_update(
+        static_cast<float>(param[e]), static_cast<float>(grad[e]), r[flat / C], c[flat % C], k));
+  }
+};
+
+void scaled_update_multi_cuda(at::TensorList params, at::TensorList grads, at::TensorList rs,
+                              at::TensorList cs, at::IntArrayRef Cs, at::IntArrayRef starts,
+                              double lr, double weight_decay, double step) {
+  check_scaled_update_multi_args(params, grads, rs, cs, Cs, starts, kCUDA);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto k = elementwise::make_scaled_coeffs(lr, weight_decay, step);
+  constexpr const char* op = "sage_dist::scaled_update_multi_";
+  multi_tensor::for_each_dtype_pair(params, grads, [&](auto pt, auto gt, const auto& idx) {
+    std::vector<std::array<int64_t, 7>> records;
+    for (size_t i : idx)
+      records.push_back({multi_tensor::word(params[i].data_ptr()),
+                         multi_tensor::word(grads[i].data_ptr()),
+                         multi_tensor::word(rs[i].data_ptr()), multi_tensor::word(cs[i].data_ptr()),
+                         Cs[i], starts[i], params[i].numel()});
+    dispatch_float_or_bfloat16(pt, op, "param", [&](auto p_tag) {
+      using P = decltype(p_tag);
+      dispatch_grad(grads[idx[0]], op, [&](auto g_tag) {
+        using G = decltype(g_tag);
+        multi_tensor::apply<7>(records, params[0].device(), ScaledMultiOp<P, G>{k});
+      });
+    });
+    (void)gt;
+  });
+}
+
+// Record: param, m, grad, h, C, start, numel.
+template <typename P, typename G>
+struct SageMultiOp {
+  elementwise::SageCoeffs k;
+  __device__ void operator()(const int64_t* rec, int64_t e) const {
+    P* param = multi_tensor::ptr<P>(rec[0]);
+    float* m = multi_tensor::ptr<float>(rec[1]);
+    const G* grad = multi_tensor::ptr<const G>(rec[2]);
+    const float* h = multi_tensor::ptr<const float>(rec[3]);
+    float p = static_cast<float>(param[e]);
+    float mv = m[e];
+    elementwise::sage_update(p, mv, static_cast<float>(grad[e]), h[(rec[5] + e) % rec[4]], k);
+    param[e] = static_cast<P>(p);
+    m[e] = mv;
+  }
+};
+
+void sage_update_multi_cuda(at::TensorList params, at::TensorList ms, at::TensorList grads,
+                            at::TensorList hs, at::IntArrayRef Cs, at::IntArrayRef starts,
+                            double lr, double beta1, double beta2, double weight_decay,
+                            bool momentum_first) {
+  check_sage_update_multi_args(params, ms, grads, hs, Cs, starts, kCUDA);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto k = elementwise::make_sage_coeffs(lr, beta1, beta2, weight_decay, momentum_first);
+  constexpr const char* op = "sage_dist::sage_update_multi_";
+  multi_tensor::for_each_dtype_pair(params, grads, [&](auto pt, auto gt, const auto& idx) {
+    std::vector<std::array<int64_t, 7>> records;
+    for (size_t i : idx)
+      records.push_back({multi_tensor::word(params[i].data_ptr()),
+                         multi_tensor::word(ms[i].data_ptr()),
+                         multi_tensor::word(grads[i].data_ptr()),
+                         multi_tensor::word(hs[i].data_ptr()), Cs[i], starts[i],
+                         params[i].numel()});
+    dispatch_float_or_bfloat16(pt, op, "param", [&](auto p_tag) {
+      using P = decltype(p_tag);
+      dispatch_grad(grads[idx[0]], op, [&](auto g_tag) {
+        using G = decltype(g_tag);
+        multi_tensor::apply<7>(records, params[0].device(), SageMultiOp<P, G>{k});
+      });
+    });
+    (void)gt;
+  });
+}
+
 __global__ void rescale_kernel(float* __restrict__ scale, const float* __restrict__ s,
                                int64_t n, float target, float eps) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -314,6 +406,8 @@ void momentum_scaled_update_cuda(const at::Tensor& param, const at::Tensor& m,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sage_dist, CUDA, m) {
+  m.impl("scaled_update_multi_", &scaled_update_multi_cuda);
+  m.impl("sage_update_multi_", &sage_update_multi_cuda);
   m.impl("sinkhorn_rescale", &sinkhorn_rescale_cuda);
   m.impl("sinkhorn_scales", &sinkhorn_scales_cuda);
   m.impl("momentum_scaled_update_", &momentum_scaled_update_cuda);

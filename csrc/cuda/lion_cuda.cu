@@ -11,12 +11,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
-
-#include <ATen/ops/empty.h>
 
 #include "sage_dist/checks.h"
 #include "sage_dist/elementwise.h"
+#include "sage_dist/multi_tensor.cuh"
 
 namespace sage_dist {
 namespace {
@@ -69,78 +69,44 @@ void lion_update_cuda(const at::Tensor& param, const at::Tensor& exp_avg, const 
 }
 
 // ---------------------------------------------------------------------------
-// Multi-tensor: ONE launch updates every tensor of a list (per combination of param and grad
-// dtypes). Block b takes chunk b of a table built on the host: (tensor, first element), and
-// each tensor's (param, exp_avg, grad, numel) are read from the same device buffer, copied
-// once from pinned host memory on the current stream.
-constexpr int64_t kChunk = 16384;  // elements per block
-
+// Multi-tensor: ONE launch per dtype pair updates every tensor of the lists
+// (sage_dist/multi_tensor.cuh). Record: param, exp_avg, grad, numel.
 template <typename P, typename G>
-__global__ void lion_multi_kernel(const int64_t* __restrict__ meta, int64_t ntensors,
-                                  elementwise::LionCoeffs c) {
-  const int64_t* chunk = meta + 4 * ntensors + 2 * static_cast<int64_t>(blockIdx.x);
-  const int64_t* t = meta + 4 * chunk[0];
-  P* param = reinterpret_cast<P*>(t[0]);
-  float* exp_avg = reinterpret_cast<float*>(t[1]);
-  const G* grad = reinterpret_cast<const G*>(t[2]);
-  const int64_t end = min(t[3], chunk[1] + kChunk);
-  for (int64_t i = chunk[1] + threadIdx.x; i < end; i += blockDim.x) {
+struct LionMultiOp {
+  elementwise::LionCoeffs c;
+  __device__ void operator()(const int64_t* rec, int64_t i) const {
+    P* param = multi_tensor::ptr<P>(rec[0]);
+    float* exp_avg = multi_tensor::ptr<float>(rec[1]);
+    const G* grad = multi_tensor::ptr<const G>(rec[2]);
     float p = static_cast<float>(param[i]);
     float m = exp_avg[i];
     elementwise::lion_update(p, m, static_cast<float>(grad[i]), c);
     param[i] = static_cast<P>(p);
     exp_avg[i] = m;
   }
-}
+};
 
 void lion_update_multi_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorList grads,
                             double lr, double beta1, double beta2, double weight_decay) {
   check_lion_multi_args(params, exp_avgs, grads, c10::DeviceType::CUDA);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto c = elementwise::make_lion_coeffs(lr, beta1, beta2, weight_decay);
   constexpr const char* op = "sage_dist::lion_update_multi_";
-  for (const auto pt : {at::kFloat, at::kBFloat16}) {
-    for (const auto gt : {at::kFloat, at::kBFloat16}) {
-      std::vector<size_t> members;
-      int64_t nchunks = 0;
-      for (size_t i = 0; i < params.size(); ++i) {
-        if (params[i].scalar_type() == pt && grads[i].scalar_type() == gt && params[i].numel()) {
-          members.push_back(i);
-          nchunks += (params[i].numel() + kChunk - 1) / kChunk;
-        }
-      }
-      if (members.empty()) continue;
-      const int64_t nt = static_cast<int64_t>(members.size());
-      at::Tensor meta = at::empty({4 * nt + 2 * nchunks},
-                                  at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-      int64_t* h = meta.data_ptr<int64_t>();
-      int64_t* table = h + 4 * nt;
-      for (int64_t k = 0; k < nt; ++k) {
-        const size_t i = members[k];
-        h[4 * k] = reinterpret_cast<int64_t>(params[i].data_ptr());
-        h[4 * k + 1] = reinterpret_cast<int64_t>(exp_avgs[i].data_ptr());
-        h[4 * k + 2] = reinterpret_cast<int64_t>(grads[i].data_ptr());
-        h[4 * k + 3] = params[i].numel();
-        for (int64_t b = 0; b < params[i].numel(); b += kChunk) {
-          *table++ = k;
-          *table++ = b;
-        }
-      }
-      const at::Tensor dmeta =
-          meta.to(at::TensorOptions().device(params[0].device()), /*non_blocking=*/true);
-      dispatch_float_or_bfloat16(pt, op, "param", [&](auto p_tag) {
-        using P = decltype(p_tag);
-        dispatch_float_or_bfloat16(gt, op, "grad", [&](auto g_tag) {
-          using G = decltype(g_tag);
-          lion_multi_kernel<P, G><<<static_cast<unsigned>(nchunks), kThreads, 0, stream>>>(
-              dmeta.const_data_ptr<int64_t>(), nt, c);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+  multi_tensor::for_each_dtype_pair(params, grads, [&](auto pt, auto gt, const auto& idx) {
+    std::vector<std::array<int64_t, 4>> records;
+    for (size_t i : idx)
+      records.push_back({multi_tensor::word(params[i].data_ptr()),
+                         multi_tensor::word(exp_avgs[i].data_ptr()),
+                         multi_tensor::word(grads[i].data_ptr()), params[i].numel()});
+    dispatch_float_or_bfloat16(pt, op, "param", [&](auto p_tag) {
+      using P = decltype(p_tag);
+      dispatch_float_or_bfloat16(gt, op, "grad", [&](auto g_tag) {
+        using G = decltype(g_tag);
+        multi_tensor::apply<4>(records, params[0].device(), LionMultiOp<P, G>{c});
       });
-    }
-  }
+    });
+  });
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 // and the pure-PyTorch fallbacks.
 #pragma once
 
+#include <initializer_list>
 #include <optional>
 
 #include "sage_dist/checks.h"
@@ -98,6 +99,40 @@ inline void check_momentum_scaled_update_args(const at::Tensor& param, const at:
   constexpr const char* op = "sage_dist::momentum_scaled_update_";
   check_scaled_update_args(param, grad, r, c, C, start, dev, op);
   check_momentum(param, "param", m, op, dev);
+}
+
+// The lists of a multi-tensor fragment op hold one entry per fragment.
+inline void check_list_lengths(const char* op, std::initializer_list<size_t> sizes) {
+  const size_t n = *sizes.begin();
+  for (size_t k : sizes)
+    TORCH_CHECK(k == n, op, ": the argument lists have different lengths (", n, " and ", k,
+                "); they must have one entry per fragment");
+}
+
+inline void check_scaled_update_multi_args(at::TensorList params, at::TensorList grads,
+                                           at::TensorList rs, at::TensorList cs,
+                                           at::IntArrayRef Cs, at::IntArrayRef starts,
+                                           c10::DeviceType dev) {
+  constexpr const char* op = "sage_dist::scaled_update_multi_";
+  check_list_lengths(op, {params.size(), grads.size(), rs.size(), cs.size(), Cs.size(),
+                          starts.size()});
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_scaled_update_args(params[i], grads[i], rs[i], cs[i], Cs[i], starts[i], dev, op);
+    check_device(params[0], "params[0]", params[i], op, "params[i]", dev);
+  }
+}
+
+inline void check_sage_update_multi_args(at::TensorList params, at::TensorList ms,
+                                         at::TensorList grads, at::TensorList hs,
+                                         at::IntArrayRef Cs, at::IntArrayRef starts,
+                                         c10::DeviceType dev) {
+  constexpr const char* op = "sage_dist::sage_update_multi_";
+  check_list_lengths(op, {params.size(), ms.size(), grads.size(), hs.size(), Cs.size(),
+                          starts.size()});
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_sage_update_args(params[i], ms[i], grads[i], hs[i], Cs[i], starts[i], dev);
+    check_device(params[0], "params[0]", params[i], op, "params[i]", dev);
+  }
 }
 
 }  // namespace sage_dist
