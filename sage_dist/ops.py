@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 
 import torch
@@ -152,9 +153,9 @@ def lion_update_(param: torch.Tensor, exp_avg: torch.Tensor, grad: torch.Tensor,
     device, else lion_update_reference (warning once). All tensors: same number of elements,
     contiguous, one device; grad fp32 or bf16."""
     lr, beta1, beta2, weight_decay = float(lr), float(beta1), float(beta2), float(weight_decay)
-    if _DEFERRED is not None and param.device.type in _LION_MULTI_DEVICES:
+    if _DEFERRAL.current is not None and param.device.type in _LION_MULTI_DEVICES:
         _check_lion_args(param, exp_avg, grad)
-        _DEFERRED.add(("lion_update_", param.device, lr, beta1, beta2, weight_decay),
+        _DEFERRAL.current.add(("lion_update_", param.device, lr, beta1, beta2, weight_decay),
                       (param, exp_avg, grad))
         return
     if param.device.type in _LION_DEVICES:
@@ -220,7 +221,14 @@ class DeferredUpdates:
              "sage_update_": sage_update_multi_}[op](*lists, *hp)
 
 
-_DEFERRED: DeferredUpdates | None = None
+class _Deferral(threading.local):
+    """The active DeferredUpdates of this thread: two optimizers stepping in two threads
+    never see each other's updates."""
+
+    current: DeferredUpdates | None = None
+
+
+_DEFERRAL = _Deferral()
 
 
 @contextlib.contextmanager
@@ -229,13 +237,13 @@ def deferred():
     not run (when the extension has their multi-tensor kernels); the caller must call
     flush() on the yielded object before it reads the updated tensors (it is flushed on exit
     too). The optimizer engine uses this to issue one multi-tensor update per phase."""
-    global _DEFERRED
-    old, _DEFERRED = _DEFERRED, DeferredUpdates()
+    old, batch = _DEFERRAL.current, DeferredUpdates()
+    _DEFERRAL.current = batch
     try:
-        yield _DEFERRED
-        _DEFERRED.flush()
+        yield batch
+        batch.flush()
     finally:
-        _DEFERRED = old
+        _DEFERRAL.current = old
 
 
 # --------------------------------------------------------------------------------------
@@ -497,9 +505,9 @@ def sage_update_(param, m, grad, h, C: int, start: int, lr: float, beta1: float,
     """SAGE's step in one pass, in place on param (fp32 or bf16) and m (fp32)."""
     args = (param, m, grad, h, int(C), int(start), float(lr), float(beta1), float(beta2),
             float(weight_decay), bool(momentum_first))
-    if _DEFERRED is not None and param.device.type in _FRAGMENT_DEVICES["sage_update_multi_"]:
+    if _DEFERRAL.current is not None and param.device.type in _FRAGMENT_DEVICES["sage_update_multi_"]:
         _check_sage_update_args(param, m, grad, h, int(C), int(start))
-        _DEFERRED.add(("sage_update_", param.device, *args[6:]), args[:6])
+        _DEFERRAL.current.add(("sage_update_", param.device, *args[6:]), args[:6])
         return
     if _use_kernel("sage_update_", param):
         with torch.no_grad():
@@ -512,14 +520,15 @@ def scaled_update_(param, grad, r, c, C: int, start: int, lr: float, weight_deca
                    step: float) -> None:
     """param <- param (1 - lr wd) - step (grad r c) over a fragment, in place."""
     args = (param, grad, r, c, int(C), int(start), float(lr), float(weight_decay), float(step))
-    if _DEFERRED is not None and param.device.type in _FRAGMENT_DEVICES["scaled_update_multi_"]:
+    if _DEFERRAL.current is not None and param.device.type in _FRAGMENT_DEVICES["scaled_update_multi_"]:
         _check_scaled_update_args(*args[:6])
         n, C, start = param.numel(), int(C), int(start)
         if r is None:  # the multi-tensor op takes both scales; 1 is exact
-            r = torch.ones((start + n - 1) // C + 1 if n else 1, device=param.device)
+            r = torch.ones((start + n - 1) // C + 1 if n else 1, dtype=torch.float32,
+                           device=param.device)
         if c is None:
-            c = torch.ones(C, device=param.device)
-        _DEFERRED.add(("scaled_update_", param.device, *args[6:]), (param, grad, r, c, C, start))
+            c = torch.ones(C, dtype=torch.float32, device=param.device)
+        _DEFERRAL.current.add(("scaled_update_", param.device, *args[6:]), (param, grad, r, c, C, start))
         return
     if _use_kernel("scaled_update_", param):
         with torch.no_grad():

@@ -226,3 +226,15 @@ def test_cuda_matches_reference_bitwise():
     ref = torch.empty(x.numel(), dtype=BF16)
     ops.round_bf16_reference(ref, x, 31337, 45)
     assert torch.equal(bits(out.cpu()), bits(ref))
+
+
+def test_unnamed_groups_round_independently():
+    """Hand-built groups without names give their parameters generated names that repeat
+    from group to group ("group.params[0]"); their rounding must still be independent."""
+    ws = [nn.Parameter(torch.ones(64, 64, dtype=BF16)) for _ in range(2)]
+    opt = RoutedOptimizer([{"params": [w], "rule": "lion", "lr": 1e-3, "weight_decay": 0.0}
+                           for w in ws], stochastic_rounding=True)
+    for w in ws:
+        w.grad = torch.ones_like(w)
+    opt.step()
+    assert not torch.equal(ws[0], ws[1])

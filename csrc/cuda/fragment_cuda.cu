@@ -6,6 +6,7 @@
 // COMPILED, NEVER RUN: no GPU was available where this was written (see README).
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -28,7 +29,7 @@ namespace sage_dist {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kRowsPerBlock = 64;  // column sums: rows one thread walks before its atomicAdd
+constexpr int64_t kRowsPerBlock = 128;  // column sums: rows one thread adds into one partial
 constexpr c10::DeviceType kCUDA = c10::DeviceType::CUDA;
 
 const float* opt_ptr(const std::optional<at::Tensor>& t) {
@@ -60,22 +61,37 @@ __device__ inline float stat_value(const G* g, int64_t k, const StatInput& in, i
   return elementwise::scaled_square(x, in.r ? in.r[i] : 1.f, in.c ? in.c[j] : 1.f);
 }
 
-// Column sums: thread (column j, block of rows) accumulates, then one atomicAdd.
+// Column sums, deterministic: thread (column j, block b of kRowsPerBlock rows) writes its
+// partial sum to partial[b, j]; a second kernel adds the partials of each column in block
+// order, in double. No atomics: the same inputs give the same bits on every run and every
+// rank (DDP ranks compute these statistics separately and must stay identical). Blocks of
+// rows are walked grid-stride in y, so any number of rows fits the grid.
 template <typename G>
-__global__ void column_sums_kernel(const G* __restrict__ g, StatInput in,
-                                   float* __restrict__ out, int64_t n, int64_t C,
-                                   int64_t start, int64_t first_row, int64_t last_row,
-                                   int kind) {
+__global__ void column_partials_kernel(const G* __restrict__ g, StatInput in,
+                                       float* __restrict__ partial, int64_t n, int64_t C,
+                                       int64_t start, int64_t first_row, int64_t last_row,
+                                       int64_t nblocks, int kind) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= C) return;
-  const int64_t i0 = first_row + static_cast<int64_t>(blockIdx.y) * kRowsPerBlock;
-  const int64_t i1 = min(last_row + 1, i0 + kRowsPerBlock);
-  float s = 0.f;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t k = i * C + j - start;
-    if (k >= 0 && k < n) s += stat_value(g, k, in, i, j, kind);
+  for (int64_t b = blockIdx.y; b < nblocks; b += gridDim.y) {
+    const int64_t i0 = first_row + b * kRowsPerBlock;
+    const int64_t i1 = min(last_row + 1, i0 + kRowsPerBlock);
+    float s = 0.f;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t k = i * C + j - start;
+      if (k >= 0 && k < n) s += stat_value(g, k, in, i, j, kind);
+    }
+    partial[b * C + j] = s;
   }
-  atomicAdd(out + j, s);
+}
+
+__global__ void combine_partials_kernel(const float* __restrict__ partial,
+                                        float* __restrict__ out, int64_t nblocks, int64_t C) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= C) return;
+  double s = 0.0;
+  for (int64_t b = 0; b < nblocks; ++b) s += static_cast<double>(partial[b * C + j]);
+  out[j] = static_cast<float>(s);
 }
 
 // Row sums: one block per row, a shared-memory tree reduction.
@@ -110,15 +126,20 @@ at::Tensor column_sums(const at::Tensor& grad, const StatInput& in, int64_t C, i
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t first = start / C, last = (start + n - 1) / C;
-  const dim3 grid(static_cast<unsigned>((C + kThreads - 1) / kThreads),
-                  static_cast<unsigned>((last - first + kRowsPerBlock) / kRowsPerBlock));
+  const int64_t nblocks = (last - first + kRowsPerBlock) / kRowsPerBlock;
+  const unsigned col_blocks = static_cast<unsigned>((C + kThreads - 1) / kThreads);
+  const dim3 grid(col_blocks, static_cast<unsigned>(std::min<int64_t>(nblocks, 65535)));
+  at::Tensor partial = at::empty({nblocks, C}, grad.options().dtype(at::kFloat));
   dispatch_grad(grad, op, [&](auto tag) {
     using G = decltype(tag);
-    column_sums_kernel<G><<<grid, kThreads, 0, stream>>>(grad.const_data_ptr<G>(), in,
-                                                         out.data_ptr<float>(), n, C, start,
-                                                         first, last, kind);
+    column_partials_kernel<G><<<grid, kThreads, 0, stream>>>(
+        grad.const_data_ptr<G>(), in, partial.data_ptr<float>(), n, C, start, first, last,
+        nblocks, kind);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  combine_partials_kernel<<<col_blocks, kThreads, 0, stream>>>(partial.const_data_ptr<float>(),
+                                                               out.data_ptr<float>(), nblocks, C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

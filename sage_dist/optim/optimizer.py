@@ -172,7 +172,11 @@ class RoutedOptimizer(torch.optim.Optimizer):
             dst.copy_(src)
             return
         # A seed per (run seed, step, parameter, tensor); the flat index does the rest.
-        key = zlib.crc32(f"{f.name}/{what}".encode())
+        # Generated names ("group.params[0]") repeat across groups: add the group's index.
+        name = f.name
+        if not group.get("param_names") and name.startswith(f"{group.get('name', 'group')}."):
+            name = f"{next(k for k, g in enumerate(self.param_groups) if g is group)}:{name}"
+        key = zlib.crc32(f"{name}/{what}".encode())
         seed = hash_seed(self.rounding_seed, group.get("round_step", 0), key)
         ops.round_bf16_(dst, src, seed, f.span.start)
 

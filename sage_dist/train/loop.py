@@ -58,7 +58,7 @@ def init_distributed(cfg: TrainConfig, device: torch.device) -> tuple[int, int]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     global GLOO_USED
-    GLOO_USED = GLOO_USED or dist.get_backend() == "gloo"
+    GLOO_USED = GLOO_USED or "gloo" in str(dist.get_backend())  # also "cpu:gloo,cuda:nccl"
     return dist.get_rank(), dist.get_world_size()
 
 
