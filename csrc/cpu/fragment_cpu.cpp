@@ -278,13 +278,11 @@ void sage_update_cpu(const at::Tensor& param, const at::Tensor& m, const at::Ten
   if (param.numel() == 0) return;
   const auto k = elementwise::make_sage_coeffs(lr, beta1, beta2, weight_decay, momentum_first);
   constexpr const char* op = "sage_dist::sage_update_";
-  dispatch_float_or_bfloat16(param.scalar_type(), op, "param", [&](auto p_tag) {
+  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), op, [&](auto p_tag, auto g_tag) {
     using P = decltype(p_tag);
-    dispatch_float_or_bfloat16(grad.scalar_type(), op, "grad", [&](auto g_tag) {
-      using G = decltype(g_tag);
-      sage_rows<P, G>(param.data_ptr<P>(), m.data_ptr<float>(), grad.const_data_ptr<G>(),
-                      h.const_data_ptr<float>(), param.numel(), C, start, k);
-    });
+    using G = decltype(g_tag);
+    sage_rows<P, G>(param.data_ptr<P>(), m.data_ptr<float>(), grad.const_data_ptr<G>(),
+                    h.const_data_ptr<float>(), param.numel(), C, start, k);
   });
 }
 
@@ -316,13 +314,11 @@ void scaled_update_cpu(const at::Tensor& param, const at::Tensor& grad,
   if (param.numel() == 0) return;
   const auto k = elementwise::make_scaled_coeffs(lr, weight_decay, step);
   constexpr const char* op = "sage_dist::scaled_update_";
-  dispatch_float_or_bfloat16(param.scalar_type(), op, "param", [&](auto p_tag) {
+  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), op, [&](auto p_tag, auto g_tag) {
     using P = decltype(p_tag);
-    dispatch_float_or_bfloat16(grad.scalar_type(), op, "grad", [&](auto g_tag) {
-      using G = decltype(g_tag);
-      scaled_rows<P, G>(param.data_ptr<P>(), grad.const_data_ptr<G>(), opt_ptr(r), opt_ptr(c),
-                        param.numel(), C, start, k);
-    });
+    using G = decltype(g_tag);
+    scaled_rows<P, G>(param.data_ptr<P>(), grad.const_data_ptr<G>(), opt_ptr(r), opt_ptr(c),
+                      param.numel(), C, start, k);
   });
 }
 
@@ -419,14 +415,12 @@ void momentum_scaled_update_cpu(const at::Tensor& param, const at::Tensor& m,
   const auto km = elementwise::make_momentum_coeffs(beta);
   const auto k = elementwise::make_scaled_coeffs(lr, weight_decay, step);
   constexpr const char* op = "sage_dist::momentum_scaled_update_";
-  dispatch_float_or_bfloat16(param.scalar_type(), op, "param", [&](auto p_tag) {
+  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), op, [&](auto p_tag, auto g_tag) {
     using P = decltype(p_tag);
-    dispatch_float_or_bfloat16(grad.scalar_type(), op, "grad", [&](auto g_tag) {
-      using G = decltype(g_tag);
-      momentum_scaled_rows<P, G>(param.data_ptr<P>(), m.data_ptr<float>(),
-                                 grad.const_data_ptr<G>(), opt_ptr(r), opt_ptr(c),
-                                 param.numel(), C, start, km, k);
-    });
+    using G = decltype(g_tag);
+    momentum_scaled_rows<P, G>(param.data_ptr<P>(), m.data_ptr<float>(),
+                               grad.const_data_ptr<G>(), opt_ptr(r), opt_ptr(c),
+                               param.numel(), C, start, km, k);
   });
 }
 

@@ -45,13 +45,11 @@ void lion_update_cpu(const at::Tensor& param, const at::Tensor& exp_avg, const a
   if (param.numel() == 0) return;
   const auto c = elementwise::make_lion_coeffs(lr, beta1, beta2, weight_decay);
   constexpr const char* op = "sage_dist::lion_update_";
-  dispatch_float_or_bfloat16(param.scalar_type(), op, "param", [&](auto p_tag) {
+  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), op, [&](auto p_tag, auto g_tag) {
     using P = decltype(p_tag);
-    dispatch_float_or_bfloat16(grad.scalar_type(), op, "grad", [&](auto g_tag) {
-      using G = decltype(g_tag);
-      lion_cpu_loop<P, G>(param.data_ptr<P>(), exp_avg.data_ptr<float>(),
-                          grad.const_data_ptr<G>(), param.numel(), c);
-    });
+    using G = decltype(g_tag);
+    lion_cpu_loop<P, G>(param.data_ptr<P>(), exp_avg.data_ptr<float>(),
+                        grad.const_data_ptr<G>(), param.numel(), c);
   });
 }
 
@@ -76,13 +74,12 @@ void lion_update_multi_cpu(at::TensorList params, at::TensorList exp_avgs, at::T
       const at::Tensor& param = params[ch.tensor];
       const at::Tensor& grad = grads[ch.tensor];
       float* m = exp_avgs[ch.tensor].data_ptr<float>() + ch.begin;
-      dispatch_float_or_bfloat16(param.scalar_type(), op, "param", [&](auto p_tag) {
+      dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), op,
+                              [&](auto p_tag, auto g_tag) {
         using P = decltype(p_tag);
-        dispatch_float_or_bfloat16(grad.scalar_type(), op, "grad", [&](auto g_tag) {
-          using G = decltype(g_tag);
-          lion_loop<P, G>(param.data_ptr<P>() + ch.begin, m, grad.const_data_ptr<G>() + ch.begin,
-                          ch.end - ch.begin, c);
-        });
+        using G = decltype(g_tag);
+        lion_loop<P, G>(param.data_ptr<P>() + ch.begin, m, grad.const_data_ptr<G>() + ch.begin,
+                        ch.end - ch.begin, c);
       });
     }
   });

@@ -199,15 +199,13 @@ void sage_update_cuda(const at::Tensor& param, const at::Tensor& m, const at::Te
   const int blocks = grid_for(n, param.device().index());
   const auto k = elementwise::make_sage_coeffs(lr, beta1, beta2, weight_decay, momentum_first);
   constexpr const char* op = "sage_dist::sage_update_";
-  dispatch_float_or_bfloat16(param.scalar_type(), op, "param", [&](auto p_tag) {
+  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), op, [&](auto p_tag, auto g_tag) {
     using P = decltype(p_tag);
-    dispatch_grad(grad, op, [&](auto g_tag) {
-      using G = decltype(g_tag);
-      sage_kernel<P, G><<<blocks, kThreads, 0, stream>>>(
-          param.data_ptr<P>(), m.data_ptr<float>(), grad.const_data_ptr<G>(),
-          h.const_data_ptr<float>(), n, C, start, k);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    using G = decltype(g_tag);
+    sage_kernel<P, G><<<blocks, kThreads, 0, stream>>>(
+        param.data_ptr<P>(), m.data_ptr<float>(), grad.const_data_ptr<G>(),
+        h.const_data_ptr<float>(), n, C, start, k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -239,15 +237,13 @@ void scaled_update_cuda(const at::Tensor& param, const at::Tensor& grad,
   const int blocks = grid_for(n, param.device().index());
   const auto k = elementwise::make_scaled_coeffs(lr, weight_decay, step);
   constexpr const char* op = "sage_dist::scaled_update_";
-  dispatch_float_or_bfloat16(param.scalar_type(), op, "param", [&](auto p_tag) {
+  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), op, [&](auto p_tag, auto g_tag) {
     using P = decltype(p_tag);
-    dispatch_grad(grad, op, [&](auto g_tag) {
-      using G = decltype(g_tag);
-      scaled_kernel<P, G><<<blocks, kThreads, 0, stream>>>(param.data_ptr<P>(),
-                                                          grad.const_data_ptr<G>(), opt_ptr(r),
-                                                          opt_ptr(c), n, C, start, k);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    using G = decltype(g_tag);
+    scaled_kernel<P, G><<<blocks, kThreads, 0, stream>>>(param.data_ptr<P>(),
+                                                        grad.const_data_ptr<G>(), opt_ptr(r),
+                                                        opt_ptr(c), n, C, start, k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -283,14 +279,11 @@ void scaled_update_multi_cuda(at::TensorList params, at::TensorList grads, at::T
                          multi_tensor::word(grads[i].data_ptr()),
                          multi_tensor::word(rs[i].data_ptr()), multi_tensor::word(cs[i].data_ptr()),
                          Cs[i], starts[i], params[i].numel()});
-    dispatch_float_or_bfloat16(pt, op, "param", [&](auto p_tag) {
+    dispatch_param_and_grad(pt, gt, op, [&](auto p_tag, auto g_tag) {
       using P = decltype(p_tag);
-      dispatch_grad(grads[idx[0]], op, [&](auto g_tag) {
-        using G = decltype(g_tag);
-        multi_tensor::apply<7>(records, params[0].device(), ScaledMultiOp<P, G>{k});
-      });
+      using G = decltype(g_tag);
+      multi_tensor::apply<7>(records, params[0].device(), ScaledMultiOp<P, G>{k});
     });
-    (void)gt;
   });
 }
 
@@ -328,14 +321,11 @@ void sage_update_multi_cuda(at::TensorList params, at::TensorList ms, at::Tensor
                          multi_tensor::word(grads[i].data_ptr()),
                          multi_tensor::word(hs[i].data_ptr()), Cs[i], starts[i],
                          params[i].numel()});
-    dispatch_float_or_bfloat16(pt, op, "param", [&](auto p_tag) {
+    dispatch_param_and_grad(pt, gt, op, [&](auto p_tag, auto g_tag) {
       using P = decltype(p_tag);
-      dispatch_grad(grads[idx[0]], op, [&](auto g_tag) {
-        using G = decltype(g_tag);
-        multi_tensor::apply<7>(records, params[0].device(), SageMultiOp<P, G>{k});
-      });
+      using G = decltype(g_tag);
+      multi_tensor::apply<7>(records, params[0].device(), SageMultiOp<P, G>{k});
     });
-    (void)gt;
   });
 }
 
@@ -412,15 +402,13 @@ void momentum_scaled_update_cuda(const at::Tensor& param, const at::Tensor& m,
   const auto km = elementwise::make_momentum_coeffs(beta);
   const auto k = elementwise::make_scaled_coeffs(lr, weight_decay, step);
   constexpr const char* op = "sage_dist::momentum_scaled_update_";
-  dispatch_float_or_bfloat16(param.scalar_type(), op, "param", [&](auto p_tag) {
+  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), op, [&](auto p_tag, auto g_tag) {
     using P = decltype(p_tag);
-    dispatch_grad(grad, op, [&](auto g_tag) {
-      using G = decltype(g_tag);
-      momentum_scaled_kernel<P, G><<<blocks, kThreads, 0, stream>>>(
-          param.data_ptr<P>(), m.data_ptr<float>(), grad.const_data_ptr<G>(), opt_ptr(r),
-          opt_ptr(c), n, C, start, km, k);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    using G = decltype(g_tag);
+    momentum_scaled_kernel<P, G><<<blocks, kThreads, 0, stream>>>(
+        param.data_ptr<P>(), m.data_ptr<float>(), grad.const_data_ptr<G>(), opt_ptr(r),
+        opt_ptr(c), n, C, start, km, k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -57,14 +57,12 @@ void lion_update_cuda(const at::Tensor& param, const at::Tensor& exp_avg, const 
   const int blocks = num_blocks(n, param.device().index());
   const auto c = elementwise::make_lion_coeffs(lr, beta1, beta2, weight_decay);
   constexpr const char* op = "sage_dist::lion_update_";
-  dispatch_float_or_bfloat16(param.scalar_type(), op, "param", [&](auto p_tag) {
+  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), op, [&](auto p_tag, auto g_tag) {
     using P = decltype(p_tag);
-    dispatch_float_or_bfloat16(grad.scalar_type(), op, "grad", [&](auto g_tag) {
-      using G = decltype(g_tag);
-      lion_cuda_kernel<P, G><<<blocks, kThreads, 0, stream>>>(
-          param.data_ptr<P>(), exp_avg.data_ptr<float>(), grad.const_data_ptr<G>(), n, c);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    using G = decltype(g_tag);
+    lion_cuda_kernel<P, G><<<blocks, kThreads, 0, stream>>>(
+        param.data_ptr<P>(), exp_avg.data_ptr<float>(), grad.const_data_ptr<G>(), n, c);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -99,12 +97,10 @@ void lion_update_multi_cuda(at::TensorList params, at::TensorList exp_avgs, at::
       records.push_back({multi_tensor::word(params[i].data_ptr()),
                          multi_tensor::word(exp_avgs[i].data_ptr()),
                          multi_tensor::word(grads[i].data_ptr()), params[i].numel()});
-    dispatch_float_or_bfloat16(pt, op, "param", [&](auto p_tag) {
+    dispatch_param_and_grad(pt, gt, op, [&](auto p_tag, auto g_tag) {
       using P = decltype(p_tag);
-      dispatch_float_or_bfloat16(gt, op, "grad", [&](auto g_tag) {
-        using G = decltype(g_tag);
-        multi_tensor::apply<4>(records, params[0].device(), LionMultiOp<P, G>{c});
-      });
+      using G = decltype(g_tag);
+      multi_tensor::apply<4>(records, params[0].device(), LionMultiOp<P, G>{c});
     });
   });
 }

@@ -55,6 +55,14 @@ void dispatch_float_or_bfloat16(at::ScalarType type, const char* op, const char*
   }
 }
 
+// Calls f(P{}, G{}) with the storage types of a parameter (P) and its gradient (G).
+template <typename F>
+void dispatch_param_and_grad(at::ScalarType param, at::ScalarType grad, const char* op, F&& f) {
+  dispatch_float_or_bfloat16(param, op, "param", [&](auto p_tag) {
+    dispatch_float_or_bfloat16(grad, op, "grad", [&](auto g_tag) { f(p_tag, g_tag); });
+  });
+}
+
 // Checks shared by every lion_update_ kernel.
 inline void check_lion_args(const at::Tensor& param, const at::Tensor& exp_avg,
                             const at::Tensor& grad, c10::DeviceType device_type) {

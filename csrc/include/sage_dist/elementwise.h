@@ -64,9 +64,9 @@ SD_HOST_DEVICE inline void lion_update(float& p, float& m, float g, const LionCo
 }
 
 // ---------------------------------------------------------------------------
-// Generic forms below are templates on the value type T: float on the CPU scalar path
-// and on CUDA, at::vec::Vectorized<float> on the CPU vector path (which specialises
-// sign_of). Coefficients are broadcast with T(x). Each product and sum is rounded on its
+// Generic forms below are templates on the value type T: float on CUDA and in the CPU
+// loops, 8 fp32 lanes (F8 in csrc/cpu/fragment_cpu.cpp) on the CPU's explicit AVX2 path.
+// Coefficients are broadcast with T(x). Each product and sum is rounded on its
 // own, in the order the pure-PyTorch reference uses.
 // ---------------------------------------------------------------------------
 template <typename T>
@@ -79,25 +79,15 @@ SD_HOST_DEVICE inline float sign_of<float>(float x) {
 
 // SAGE (spec §1), the elementwise part once the per-column damper h is known:
 //   p <- p (1 - lr wd);  m, u per `momentum_first`;  p <- p - lr (u h)
-struct SageCoeffs {
-  float lr;
-  float decay;  // 1 - lr * weight_decay
-  float beta1;
-  float one_minus_beta1;
-  float beta2;
-  float one_minus_beta2;
+// The coefficients are Lion's (same lr, decay and betas) plus the order flag.
+struct SageCoeffs : LionCoeffs {
   bool momentum_first;  // the authors' order: m is updated before the direction
 };
 
 SD_HOST_DEVICE inline SageCoeffs make_sage_coeffs(double lr, double beta1, double beta2,
                                                   double weight_decay, bool momentum_first) {
   SageCoeffs c;
-  c.lr = static_cast<float>(lr);
-  c.decay = static_cast<float>(1.0 - lr * weight_decay);
-  c.beta1 = static_cast<float>(beta1);
-  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-  c.beta2 = static_cast<float>(beta2);
-  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  static_cast<LionCoeffs&>(c) = make_lion_coeffs(lr, beta1, beta2, weight_decay);
   c.momentum_first = momentum_first;
   return c;
 }
