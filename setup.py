@@ -139,9 +139,12 @@ setup(
     description="Memory-efficient optimizers (SAGE, SinkGD, SCALE, Lion) for distributed training",
     python_requires=">=3.10",
     packages=find_packages(include=["sage_dist*"]),
+    # The shipped configs (models, DeepSpeed JSON, training YAML) are package data: found by
+    # name or path from any directory once installed (sage_dist.models.find_config).
+    package_data={"sage_dist": ["configs/*/*.json", "configs/*/*.yaml"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
-    install_requires=["torch"],
+    install_requires=["torch", "transformers", "PyYAML", "numpy"],
     entry_points={"console_scripts": ["sage-dist = sage_dist.cli:main", "sage-dist-train = sage_dist.train.cli:entry"]},
     zip_safe=False,
 )
