@@ -15,6 +15,7 @@ import json
 import os
 
 from .optim.recipes import RECIPES, build_optimizer
+from .shard import zero
 
 PREFIX = "sage_dist."
 
@@ -57,12 +58,12 @@ def _check_supported(model, cfg: dict) -> None:
     if moe:
         raise NotImplementedError(f"sage_dist optimizers do not support MoE expert parameters "
                                   f"(expert data-parallel groups) yet: {moe[0]!r}")
-    zero = cfg.get("zero_optimization", {})
-    if zero.get("elastic_checkpoint"):
+    zcfg = cfg.get("zero_optimization", {})
+    if zcfg.get("elastic_checkpoint"):
         raise ValueError("zero_optimization.elastic_checkpoint=true is not supported: it "
                          "re-splits every optimizer state as if it were elementwise; set it to "
                          "false and reshard with sage_dist.deepspeed.reshard")
-    off = zero.get("offload_optimizer", {}) or {}
+    off = zcfg.get("offload_optimizer", {}) or {}
     if off.get("device") == "cpu" and float(off.get("ratio", 1.0)) < 1.0:
         raise ValueError(f"zero_optimization.offload_optimizer.ratio={off['ratio']}: partial "
                          f"offload needs DeepSpeed's CPU Adam; allowed with sage_dist is 1.0")
@@ -130,7 +131,7 @@ def save_universal(engine, path, client_state: dict | None = None) -> str:
     from .shard.zero import gather_members
     from .optim.registry import get_rule
 
-    opt = engine.basic_optimizer
+    opt = zero.client_optimizer(engine)
     params, state = {}, {}
     for e in opt.layout.entries.values():
         rule = get_rule(opt.param_groups[e.group_index]["rule"])
@@ -170,7 +171,7 @@ def load_universal(engine, path) -> dict:
 
     from .optim.registry import get_rule
 
-    opt = engine.basic_optimizer
+    opt = zero.client_optimizer(engine)
     saved = torch.load(os.path.join(path, UNIVERSAL_FILE), weights_only=True)
     missing = [m.name for e in opt.layout.entries.values() for m in e.members
                if m.name not in saved["params"]]
@@ -193,17 +194,5 @@ def load_universal(engine, path) -> dict:
                 for k, v in saved["state"][m.name].items():
                     src = v.reshape(-1)[m.a:m.b] if k in elem else v
                     views[k].copy_(src)
-    _refresh_model_weights(engine.optimizer)
+    zero.refresh_model_weights(engine)
     return saved["client_state"]
-
-
-def _refresh_model_weights(wrapper) -> None:
-    """Copy the fp32 masters into the low-precision model weights, as DeepSpeed's step does."""
-    if hasattr(wrapper, "update_lp_params"):          # ZeRO-1/2, BF16_Optimizer
-        wrapper.update_lp_params()
-        return
-    for lp, fp32 in zip(wrapper.fp16_partitioned_groups_flat,
-                        wrapper.fp32_partitioned_groups_flat):   # ZeRO-3
-        lp.data.copy_(fp32.data)
-    if wrapper.persistent_parameters:
-        wrapper.persistent_parameters[0].all_gather(wrapper.persistent_parameters)

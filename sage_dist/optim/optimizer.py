@@ -215,20 +215,32 @@ class RoutedOptimizer(torch.optim.Optimizer):
         r = self.layout.reducer
         return {"floats": r.floats, "collectives": r.collectives}
 
-    def state_bytes(self) -> dict:
+    def state_bytes(self, by_rule: bool = False) -> dict:
         """This rank's exact bytes of optimizer state.
 
         'elementwise': state shaped like the parameter (this rank's slice only);
         'replicated': state every rank holds in full (SAGE's per-column S, step counts).
+        With by_rule=True also 'by_rule' ({rule: {'elementwise', 'replicated'}}, rules holding
+        nothing here left out) and 'by_device' ({device type: bytes}).
         """
         out = {"elementwise": 0, "replicated": 0}
+        rules: dict = {}
+        devices: dict = {}
         for p, rule in self.state_entries():
             elementwise = self.layout.elementwise_keys(p, rule)
             for key, t in self.state[p].items():
                 kind = "elementwise" if key in elementwise else "replicated"
                 local = self.layout.local_flat(t) if kind == "elementwise" else t
-                out[kind] += local.numel() * local.element_size()
+                n = local.numel() * local.element_size()
+                out[kind] += n
+                r = rules.setdefault(rule.name, {"elementwise": 0, "replicated": 0})
+                r[kind] += n
+                devices[local.device.type] = devices.get(local.device.type, 0) + n
         out["total"] = out["elementwise"] + out["replicated"]
+        if by_rule:
+            out["by_rule"] = {k: v for k, v in sorted(rules.items())
+                              if v["elementwise"] or v["replicated"]}
+            out["by_device"] = dict(sorted(devices.items()))
         return out
 
     def _run_phases(self, runs, batch) -> None:

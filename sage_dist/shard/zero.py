@@ -27,16 +27,106 @@ from .span import Span
 from .stats import StatsReducer
 
 TESTED_DEEPSPEED = ("0.19.8",)
+# Every DeepSpeed internal this project reads, by the object that carries it. Nothing outside
+# this module reads them (tests/test_layers.py greps for it), and `check_version` verifies the
+# wrapper's at initialize, so a DeepSpeed that moved one fails there, naming it.
 _REQUIRED = {
     "DeepSpeedZeroOptimizer": ("single_partition_of_fp32_groups", "round_robin_bit16_groups",
                                "round_robin_bit16_offsets", "round_robin_bit16_meta",
-                               "bit16_groups_flat", "partition_size", "real_dp_process_group"),
+                               "bit16_groups_flat", "partition_size", "real_dp_process_group",
+                               "update_lp_params"),
     "BF16_Optimizer": ("fp32_groups_flat_partition", "bf16_groups", "bf16_groups_flat",
-                       "real_dp_process_group"),
+                       "real_dp_process_group", "update_lp_params"),
     "DeepSpeedZeroOptimizer_Stage3": ("fp32_partitioned_groups_flat", "fp16_groups",
                                       "sub_group_to_group_id", "_get_sub_group_process_group",
-                                      "grad_position", "get_param_id"),
+                                      "grad_position", "get_param_id",
+                                      "fp16_partitioned_groups_flat", "persistent_parameters"),
 }
+# Read where present (gradient storage differs by stage and options), on the wrapper.
+GRADIENT_BUFFERS = ("averaged_gradients", "grads_in_partition", "grad_partitions_flat_buffer",
+                    "fp32_groups_gradients_flat")
+# On the engine, and on ZeRO-3 parameters.
+ENGINE_ATTRIBUTES = ("basic_optimizer",)
+PARAM_ATTRIBUTES = ("ds_shape", "ds_numel", "ds_tensor", "partition_numel")
+DEEPSPEED_ATTRIBUTES = frozenset(a for attrs in _REQUIRED.values() for a in attrs) | frozenset(
+    GRADIENT_BUFFERS + ENGINE_ATTRIBUTES + PARAM_ATTRIBUTES)
+# DeepSpeed 0.19's nccl_start_alignment_factor: ZeRO-1/2 pad each group's flat to a multiple of
+# this times the world size (stage_1_and_2.py).
+ALIGNMENT_FACTOR = 2
+
+
+# -- what the rest of the project may ask of a DeepSpeed engine --------------------------------
+def is_engine(obj) -> bool:
+    """Whether `obj` is a DeepSpeed engine (what deepspeed.initialize returns first)."""
+    return all(hasattr(obj, a) for a in ("basic_optimizer", "module", "optimizer"))
+
+
+def client_optimizer(engine):
+    """The optimizer the caller handed DeepSpeed (ours), inside its ZeRO wrapper."""
+    return engine.basic_optimizer
+
+
+def wrapper_of(engine):
+    """DeepSpeed's ZeRO / BF16 wrapper around the client optimizer (None without one)."""
+    wrapper = engine.optimizer
+    return None if wrapper is client_optimizer(engine) else wrapper
+
+
+def ds_shape(p):
+    """The full shape of a ZeRO-3 partitioned parameter, None for any other tensor."""
+    shape = getattr(p, "ds_shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def numel(p) -> int:
+    """Elements of the whole parameter (a ZeRO-3 parameter's local tensor is empty)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def param_partition(p):
+    """This rank's partition of a ZeRO-3 parameter (None for other tensors)."""
+    return getattr(p, "ds_tensor", None)
+
+
+def fp32_partitions(wrapper) -> list:
+    """The fp32 master partitions the client optimizer updates (every ZeRO stage)."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
+                 "fp32_groups_flat_partition"):
+        flats = getattr(wrapper, attr, None)
+        if flats:
+            return list(flats)
+    return []
+
+
+def gradient_buffers(wrapper) -> list:
+    """Gradient storage DeepSpeed keeps outside `p.grad` (lists, dicts, buffer groups)."""
+    return [getattr(wrapper, a) for a in GRADIENT_BUFFERS if getattr(wrapper, a, None) is not None]
+
+
+# -- the partitioning arithmetic, shared with the memory estimator ------------------------------
+def padded_size(total: int, world: int) -> int:
+    """A ZeRO-1/2 group's flat size: its parameters padded to ALIGNMENT_FACTOR x world."""
+    k = ALIGNMENT_FACTOR * world
+    return -(-total // k) * k
+
+
+def member_range(start: int, size: int, lo: int, hi: int) -> tuple[int, int, int]:
+    """The part of a member at flat [start, start + size) that the partition [lo, hi) holds:
+    (a, b, offset) with [a, b) in the member's own flat index and offset inside the partition;
+    (0, 0, 0) when it holds none."""
+    a, b = max(start, lo), min(start + size, hi)
+    return (a - start, b - start, a - lo) if a < b else (0, 0, 0)
+
+
+def stage3_partition_numel(numel: int, world: int) -> int:
+    """ZeRO-3 gives every rank ceil(numel / world) elements of a parameter (the last padded)."""
+    return -(-numel // world)
+
+
+def stage3_range(numel: int, world: int, rank: int) -> tuple[int, int]:
+    """The elements [a, b) of a ZeRO-3 parameter that `rank` holds (a == b: none)."""
+    pn = stage3_partition_numel(numel, world)
+    return min(rank * pn, numel), min((rank + 1) * pn, numel)
 
 
 @dataclass
@@ -74,12 +164,6 @@ def check_version(wrapper) -> None:
             f"versions: {', '.join(TESTED_DEEPSPEED)}")
 
 
-def _range(start: int, size: int, lo: int, hi: int):
-    """Intersection of [start, start+size) with [lo, hi), as (a, b, offset in [lo, hi))."""
-    a, b = max(start, lo), min(start + size, hi)
-    return (a - start, b - start, a - lo) if a < b else (0, 0, 0)
-
-
 def _stage12_entries(opt, names) -> list[FlatEntry]:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
@@ -101,7 +185,7 @@ def _stage12_entries(opt, names) -> list[FlatEntry]:
             params, offsets = opt.round_robin_bit16_groups[i], opt.round_robin_bit16_offsets[i]
         members = []
         for p, off in zip(params, offsets):
-            a, b, o = _range(off, p.numel(), rank * P, (rank + 1) * P)
+            a, b, o = member_range(off, p.numel(), rank * P, (rank + 1) * P)
             members.append(Member(names.get(id(p), f"group{i}.param"), tuple(p.shape), a, b, o))
         out.append(FlatEntry(flat, i, members))
     return out
@@ -110,14 +194,16 @@ def _stage12_entries(opt, names) -> list[FlatEntry]:
 def _stage3_entries(opt, names) -> list[FlatEntry]:
     out = []
     for k, (flat, params) in enumerate(zip(opt.fp32_partitioned_groups_flat, opt.fp16_groups)):
-        rank = dist.get_rank(group=opt._get_sub_group_process_group(k))
+        pg = opt._get_sub_group_process_group(k)
+        rank, world = dist.get_rank(group=pg), dist.get_world_size(group=pg)
         members, off = [], 0
         for p in params:
-            pn = p.partition_numel()  # ceil(numel / world) per rank, last rank padded
-            if tuple(opt.grad_position[opt.get_param_id(p)]) != (k, off, pn):
+            pn = stage3_partition_numel(p.ds_numel, world)
+            if p.partition_numel() != pn or \
+                    tuple(opt.grad_position[opt.get_param_id(p)]) != (k, off, pn):
                 raise RuntimeError("DeepSpeed ZeRO-3 partition bookkeeping disagrees with "
                                    "sage_dist's layout: unsupported DeepSpeed version")
-            a, b = min(rank * pn, p.ds_numel), min((rank + 1) * pn, p.ds_numel)
+            a, b = stage3_range(p.ds_numel, world, rank)
             members.append(Member(names.get(id(p), f"subgroup{k}.param"), tuple(p.ds_shape),
                                   a, b, off))
             off += pn
@@ -229,3 +315,17 @@ def gather_members(layout: ZeroLayout, flat: torch.Tensor, values: torch.Tensor,
         dist.all_reduce(buf, group=layout.reducer.group)
         fulls = list(torch.split(buf, [f.numel() for f in fulls]))
     return [f.view(m.shape) for f, m in zip(fulls, e.members)]
+
+
+def refresh_model_weights(engine) -> None:
+    """Copy the fp32 masters into the low-precision model weights, as DeepSpeed's step does
+    (after the masters were loaded from outside DeepSpeed)."""
+    wrapper = wrapper_of(engine)
+    if hasattr(wrapper, "update_lp_params"):          # ZeRO-1/2, BF16_Optimizer
+        wrapper.update_lp_params()
+        return
+    for lp, fp32 in zip(wrapper.fp16_partitioned_groups_flat,
+                        wrapper.fp32_partitioned_groups_flat):   # ZeRO-3
+        lp.data.copy_(fp32.data)
+    if wrapper.persistent_parameters:
+        wrapper.persistent_parameters[0].all_gather(wrapper.persistent_parameters)
