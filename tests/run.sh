@@ -5,8 +5,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/setup_env.sh"
 cd "$ROOT"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+args=()
+for a in "$@"; do
+  # --fast: the everyday subset (a few minutes); everything else passes through to pytest.
+  if [ "$a" = "--fast" ]; then args+=(-m "not slow"); else args+=("$a"); fi
+done
 set +e
-python -m pytest -q -rs tests "$@"
+python -m pytest -q -rs tests "${args[@]}"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
