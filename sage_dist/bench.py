@@ -77,11 +77,9 @@ def measure_bandwidth(n: int = 1 << 25, repeats: int = 10) -> float:
 
 
 def build_model(config_path: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from .models import build_model as build
 
-    cfg = LlamaConfig.from_json_file(config_path)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = build(config_path, seed=0)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     return model
@@ -131,7 +129,7 @@ def run_step(args) -> dict:
     bw = measure_bandwidth()
     results = {}
     for name, make, fused in cases(model):
-        with ops.fused(fused):
+        with ops.force_reference(not fused):
             opt = make()
             ours = not name.startswith("torch")
             seconds = time_steps(opt, args.warmup, args.steps)
@@ -181,7 +179,7 @@ def run_step(args) -> dict:
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m sage_dist.bench")
     sub = parser.add_subparsers(dest="cmd", required=True)
     step = sub.add_parser("step", help="time one optimizer step of each recipe")
@@ -191,7 +189,7 @@ def main(argv=None) -> None:
     step.add_argument("--json", default="bench_step.json", help="where to write the results")
     args = parser.parse_args(argv)
     if args.cmd == "step":
-        run_step(args)
+        return run_step(args)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 
 from .optim.recipes import RECIPES, build_optimizer
 from .shard import zero
+from .shard.layout import PendingLayout, make_layout
 
 PREFIX = "sage_dist."
 
@@ -54,7 +55,7 @@ def _check_supported(model, cfg: dict) -> None:
     if isinstance(model, PipelineModule) or cfg.get("pipeline", {}).get("stages", 1) not in (1, "auto"):
         raise NotImplementedError("sage_dist optimizers do not support DeepSpeed pipeline "
                                   "parallelism (PipelineModule) yet")
-    moe = [n for n, p in model.named_parameters() if getattr(p, "allreduce", True) is False]
+    moe = [n for n, p in model.named_parameters() if zero.is_expert_param(p)]
     if moe:
         raise NotImplementedError(f"sage_dist optimizers do not support MoE expert parameters "
                                   f"(expert data-parallel groups) yet: {moe[0]!r}")
@@ -100,7 +101,8 @@ def initialize(model, config, optimizer=None, **kwargs):
     for key in ("betas", "adam_betas"):  # JSON has lists where torch has tuples
         if isinstance(params.get(key), list):
             params[key] = tuple(params[key])
-    opt = build_optimizer(model, recipe, defer_state=True, **params)
+    opt = build_optimizer(model, recipe, layout=PendingLayout(), **params)
+    names = {id(p): n for n, p in opt.named_parameters()}  # before DeepSpeed swaps the tensors
     cfg.pop("optimizer")
     cfg["zero_allow_untested_optimizer"] = True
     off = cfg.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
@@ -109,15 +111,14 @@ def initialize(model, config, optimizer=None, **kwargs):
     engine, ds_opt, loader, sched = deepspeed.initialize(model=model, optimizer=opt, config=cfg,
                                                          **kwargs)
     if cfg.get("zero_optimization", {}).get("stage", 0) in (1, 2, 3):
-        opt.attach_deepspeed(engine)
+        opt.use_layout(zero.ZeroLayout.of(engine, names))
     else:
-        opt.materialize_state()
+        opt.use_layout(make_layout(opt.named_parameters()))
     return engine, ds_opt, loader, sched
 
 
 # -- resharding: a world-size-independent checkpoint of our state ---------------------------
 UNIVERSAL_FILE = "sage_dist_universal.pt"
-
 
 
 def save_universal(engine, path, client_state: dict | None = None) -> str:
@@ -128,21 +129,21 @@ def save_universal(engine, path, client_state: dict | None = None) -> str:
     import torch
     import torch.distributed as dist
 
-    from .shard.zero import gather_members
     from .optim.registry import get_rule
 
     opt = zero.client_optimizer(engine)
+    layout = opt.layout
     params, state = {}, {}
-    for e in opt.layout.entries.values():
+    for e in layout.entries_by_id.values():
         rule = get_rule(opt.param_groups[e.group_index]["rule"])
-        full = gather_members(opt.layout, e.flat, e.flat.data)
+        full = layout.gather(e.flat, e.flat.data)
         st = opt.state[e.flat]
-        elem = {k: gather_members(opt.layout, e.flat, v) for k, v in st.items()
-                if k in opt.layout.elementwise_keys(e.flat, rule)}
+        elem = {k: layout.gather(e.flat, v) for k, v in st.items()
+                if k in layout.elementwise_keys(e.flat, rule)}
         for i, (m, p) in enumerate(zip(e.members, full)):
-            params[m.name] = p
-            views = opt.layout.state_views(_FragRef(e.flat, i), st, rule)
-            state[m.name] = {k: (elem[k][i] if k in elem else v.clone())
+            params[m.name] = p.cpu()
+            views = layout.member_state(e.flat, i, st, rule)
+            state[m.name] = {k: (elem[k][i] if k in elem else v).detach().cpu().clone()
                              for k, v in views.items()}
     out = {"params": params, "state": state, "groups": [
         {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
@@ -157,13 +158,6 @@ def save_universal(engine, path, client_state: dict | None = None) -> str:
     return target
 
 
-class _FragRef:
-    """The two fields ZeroLayout.state_views reads."""
-
-    def __init__(self, flat, slot):
-        self.param, self.slot = flat, slot
-
-
 def load_universal(engine, path) -> dict:
     """Load a save_universal file into this engine, whatever its world size or ZeRO stage:
     each rank cuts its own ranges out of the whole tensors. Returns the saved client_state."""
@@ -172,8 +166,9 @@ def load_universal(engine, path) -> dict:
     from .optim.registry import get_rule
 
     opt = zero.client_optimizer(engine)
+    layout = opt.layout
     saved = torch.load(os.path.join(path, UNIVERSAL_FILE), weights_only=True)
-    missing = [m.name for e in opt.layout.entries.values() for m in e.members
+    missing = [m.name for e in layout.entries_by_id.values() for m in e.members
                if m.name not in saved["params"]]
     if missing:
         raise ValueError(f"{path}: no saved state for parameter {missing[0]!r}: the checkpoint "
@@ -183,14 +178,14 @@ def load_universal(engine, path) -> dict:
             if k in group and k != "name":
                 group[k] = tuple(v) if isinstance(v, list) else v
     with torch.no_grad():
-        for e in opt.layout.entries.values():
+        for e in layout.entries_by_id.values():
             rule = get_rule(opt.param_groups[e.group_index]["rule"])
             st = opt.state[e.flat]
-            elem = opt.layout.elementwise_keys(e.flat, rule)
+            elem = layout.elementwise_keys(e.flat, rule)
             for i, m in enumerate(e.members):
                 n = m.b - m.a
                 e.flat.data[m.offset:m.offset + n] = saved["params"][m.name].reshape(-1)[m.a:m.b]
-                views = opt.layout.state_views(_FragRef(e.flat, i), st, rule)
+                views = layout.member_state(e.flat, i, st, rule)
                 for k, v in saved["state"][m.name].items():
                     src = v.reshape(-1)[m.a:m.b] if k in elem else v
                     views[k].copy_(src)

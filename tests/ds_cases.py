@@ -11,7 +11,6 @@ import torch.distributed as dist
 import sage_dist
 import sage_dist.deepspeed as sdds
 from sage_dist.optim import reference
-from sage_dist.shard.zero import gather_members
 from sage_dist.testing import compare
 from fsdp_cases import ProbeLlama, VOCAB, SEQ
 
@@ -49,16 +48,15 @@ class Checker:
     def _seed(self):
         """Start the oracle from the optimizer's current (e.g. just loaded) state."""
         from sage_dist.optim.registry import get_rule
-        from sage_dist.deepspeed import _FragRef
         opt, layout = self.opt, self.opt.layout
-        for e in layout.entries.values():
+        for e in layout.entries_by_id.values():
             g = opt.param_groups[e.group_index]
             rule = get_rule(g["rule"])
             st = opt.state[e.flat]
-            elem = {k: gather_members(layout, e.flat, v) for k, v in st.items()
+            elem = {k: layout.gather(e.flat, v) for k, v in st.items()
                     if k in layout.elementwise_keys(e.flat, rule)}
             for i, m in enumerate(e.members):
-                views = layout.state_views(_FragRef(e.flat, i), st, rule)
+                views = layout.member_state(e.flat, i, st, rule)
                 self.ref_state[m.name] = {
                     k: (elem[k][i].clone() if k in elem else
                         int(v.item()) if k == "step" else v.clone()) for k, v in views.items()}
@@ -72,8 +70,8 @@ class Checker:
         self.pending = []
         for g, flat in self._flats():
             entry = opt.layout.entry(flat)
-            params = gather_members(opt.layout, flat, flat.data)
-            grads = gather_members(opt.layout, flat, flat.grad)
+            params = opt.layout.gather(flat, flat.data)
+            grads = opt.layout.gather(flat, flat.grad)
             for m, p, gr in zip(entry.members, params, grads):
                 st = self.ref_state.setdefault(m.name, reference.init_state(g["rule"], p))
                 reference.step(g["rule"], p, gr, st, g)
@@ -86,7 +84,7 @@ class Checker:
             if id(flat) not in done:
                 entry = opt.layout.entry(flat)
                 done[id(flat)] = dict(zip([m.name for m in entry.members],
-                                          gather_members(opt.layout, flat, flat.data)))
+                                          opt.layout.gather(flat, flat.data)))
             got = done[id(flat)][name]
             d = compare(got, expected, 1e-6, 2 * g["lr"] if g["rule"] in SIGN_RULES else None)
             self.worst = max(self.worst, d.rel)
@@ -97,7 +95,7 @@ class Checker:
 def straddles_mid_row(opt) -> bool:
     """Some 2-D weight's held range starts or ends in the middle of a row, on some rank."""
     local = any(len(m.shape) >= 2 and m.a < m.b and (m.a % m.shape[-1] or m.b % m.shape[-1])
-                for e in opt.layout.entries.values() for m in e.members)
+                for e in opt.layout.entries_by_id.values() for m in e.members)
     t = torch.tensor([float(local)])
     dist.all_reduce(t)
     return t.item() > 0

@@ -82,9 +82,9 @@ def expected_comm_floats(opt) -> int:
 
 
 class Oracle:
-    """The single-process oracle beside a sharded optimizer (DISTRIBUTED.md §5): each step
-    starts the oracle from the same full parameters and full averaged gradients, steps both,
-    and compares. The oracle keeps its own state (optionally seeded from the optimizer's)."""
+    """The single-process oracle beside a sharded optimizer (docs/DISTRIBUTED.md,
+    "Exactness"): each step starts the oracle from the same full parameters and full averaged
+    gradients, steps both, and compares. The oracle keeps its own state (optionally seeded from the optimizer's)."""
 
     def __init__(self, opt, seed_state=False):
         self.opt = opt

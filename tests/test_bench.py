@@ -11,8 +11,8 @@ def test_bench_step_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     res = bench.main(["step", "--model", "configs/models/llama_tiny.json", "--steps", "1",
                       "--warmup", "0", "--json", str(out)])
-    assert res is None
     data = json.loads(out.read_text())
+    assert json.loads(json.dumps(res)) == data       # what it returns is what it wrote
     assert data["bandwidth_reference_gbps"] == max(data["bandwidth_gbps"],
                                                    data["bandwidth_after_gbps"])
     rows = data["recipes"]

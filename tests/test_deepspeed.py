@@ -35,6 +35,7 @@ def matrix():
             for stage, world in CONFIGS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,world", CONFIGS, ids=[f"zero{s}-world{w}" for s, w in CONFIGS])
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_zero_step_equals_oracle_every_step(matrix, stage, world, recipe):
@@ -58,6 +59,7 @@ def variant_results():
     return run(cases.variants, 2, VARIANTS, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", [v[0] for v in VARIANTS])
 def test_zero_variants(variant_results, label):
     for rank_res in variant_results:
@@ -67,6 +69,7 @@ def test_zero_variants(variant_results, label):
         assert variant_results[0][label]["calls"] > 4 * 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage,extra,wrapper", [
     (1, {"data_types": {"grad_accum_dtype": "fp32"}}, "BF16_Optimizer"),
     (2, {}, "DeepSpeedZeroOptimizer"),
@@ -90,6 +93,7 @@ def test_bf16_with_fp32_master_weights(stage, extra, wrapper):
     assert curve < 2e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_is_bit_identical(tmp_path, stage):
     path = str(tmp_path)
@@ -107,6 +111,7 @@ def test_resume_is_bit_identical(tmp_path, stage):
         assert torch.equal(sd[key].float().reshape(-1), full.reshape(-1)), name
 
 
+@pytest.mark.slow
 def test_reshard_zero2_world2_to_zero3_world3(tmp_path):
     path = str(tmp_path)
     saved = run(cases.reshard, 2, 2, "sage-hybrid", path, "save")[0]

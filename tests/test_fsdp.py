@@ -20,6 +20,7 @@ def exactness_results():
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", list(MESHES))
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_sharded_step_equals_oracle_every_step(exactness_results, mesh, recipe):
@@ -30,6 +31,7 @@ def test_sharded_step_equals_oracle_every_step(exactness_results, mesh, recipe):
     assert res["flips"] <= 1e-5 * res["numel"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", list(MESHES))
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_communicated_floats_equal_the_count_from_shapes(exactness_results, mesh, recipe):
@@ -37,12 +39,14 @@ def test_communicated_floats_equal_the_count_from_shapes(exactness_results, mesh
         assert rank_res[recipe]["comm_ok"], rank_res[recipe]
 
 
+@pytest.mark.slow
 def test_trajectory_fsdp3_matches_single_process():
     worst = run(cases.trajectory, 3, (3,), "sage-hybrid", 10)[0]
     print(f"10-step trajectory, FSDP2 world 3 vs one process: max rel diff {worst:.2e}")
     assert worst < 1e-3
 
 
+@pytest.mark.slow
 def test_replicated_state_identical_and_elementwise_state_is_dtensor():
     res = run(cases.replicated_state_identical, 3, (3,))
     for same, kind, shape, local in res:
@@ -50,6 +54,7 @@ def test_replicated_state_identical_and_elementwise_state_is_dtensor():
     assert [r[3][0] for r in res] == [334, 334, 333]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,exc,message", [
     ("shard1", "NotImplementedError", "sharding on dim 1 is not supported"),
     ("tp", "NotImplementedError", "tensor-parallel"),
@@ -62,6 +67,7 @@ def test_bad_placements_fail_before_any_collective(case, exc, message):
         assert message in r["message"] and "parameter" in r["message"] or "meshes" in r["message"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["sage-hybrid", "scale"])
 def test_checkpoint_world2_to_world3(tmp_path, recipe):
     """Train 5 steps at world 2, save with torch.distributed.checkpoint, load at world 3,
@@ -72,7 +78,7 @@ def test_checkpoint_world2_to_world3(tmp_path, recipe):
     - Each step after the load equals the oracle stepped from the same full state (1e-6).
     - Against an uninterrupted world-3 run the difference is reduction-order drift from the
       first 5 steps (world 2 and world 3 average gradients in a different order; see
-      DISTRIBUTED.md §5): reported, and bounded as a trajectory.
+      docs/DISTRIBUTED.md, "Exactness"): reported, and bounded as a trajectory.
     """
     path = str(tmp_path / "ckpt")
     saved = run(cases.checkpoint_save, 2, recipe, path, 5)[0]
@@ -88,12 +94,14 @@ def test_checkpoint_world2_to_world3(tmp_path, recipe):
     assert res[0]["drift"] < 1e-4
 
 
+@pytest.mark.slow
 def test_ddp_wrapped_model_uses_local_layout_and_matches_one_process():
     worst = run(cases.ddp_matches_single_process, 2)
     print(f"DDP world 2 vs one process after 3 steps: max rel {max(worst):.2e}")
     assert max(worst) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["sage-hybrid", "scale"])
 def test_comm_of_60m_llama_is_under_one_percent_of_params(recipe):
     import os

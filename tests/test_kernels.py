@@ -13,7 +13,7 @@ from sage_dist import ops
 needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION,
                                reason=f"sage_dist._C not built ({ops.EXTENSION_ERROR})")
 needs_cuda_kernels = pytest.mark.skipif(
-    not (torch.cuda.is_available() and "cuda" in ops._FRAGMENT_DEVICES["sage_update_"]),
+    not (torch.cuda.is_available() and ops.has_kernel("sage_update_", "cuda")),
     reason="needs a CUDA GPU and sage_dist._C built with its CUDA kernels")
 
 R, C = 29, 67
@@ -55,8 +55,8 @@ def assert_close(actual, expected):
 def test_kernels_registered():
     if not ops.HAS_EXTENSION:
         pytest.skip("sage_dist._C not built")
-    for op in ops.FRAGMENT_OPS:
-        assert "cpu" in ops._FRAGMENT_DEVICES[op], op
+    for op in ops.OPS:
+        assert ops.has_kernel(op, "cpu"), op
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -66,7 +66,7 @@ def test_kernels_registered():
 def test_colsum_abs(frag, dtype):
     t = inputs(*frag, dtype)
     got = torch.ops.sage_dist.colsum_abs(t["grad"], C, frag[0])
-    torch.testing.assert_close(got, ops.colsum_abs_reference(t["grad"], C, frag[0]),
+    torch.testing.assert_close(got, ops.reference.colsum_abs(t["grad"], C, frag[0]),
                                rtol=1e-6, atol=1e-7)
 
 
@@ -80,7 +80,7 @@ def test_sq_sums(frag, dtype, scales, dim):
     r = t["r"] if "r" in scales else None
     c = t["c"] if "c" in scales else None
     args = (t["grad"], r, c, R, C, frag[0], dim)
-    torch.testing.assert_close(torch.ops.sage_dist.sq_sums(*args), ops.sq_sums_reference(*args),
+    torch.testing.assert_close(torch.ops.sage_dist.sq_sums(*args), ops.reference.sq_sums(*args),
                                rtol=1e-6, atol=1e-7)
 
 
@@ -92,13 +92,13 @@ def test_sq_sums_of_momentum(frag, dtype, dim):
     t = inputs(*frag, dtype)
     m = t["m"].clone()
     args = (t["grad"], t["r"], None, R, C, frag[0], dim, m, 0.7)
-    torch.testing.assert_close(torch.ops.sage_dist.sq_sums(*args), ops.sq_sums_reference(*args),
+    torch.testing.assert_close(torch.ops.sage_dist.sq_sums(*args), ops.reference.sq_sums(*args),
                                rtol=1e-6, atol=1e-7)
     assert torch.equal(m, t["m"])
     if dtype == torch.float32:  # the reference is the rule's own formula, summed plainly
         x = t["m"] * 0.7 + t["grad"] * (1 - 0.7)
-        torch.testing.assert_close(ops.sq_sums_reference(*args),
-                                   ops.sq_sums_reference(x, t["r"], None, R, C, frag[0], dim))
+        torch.testing.assert_close(ops.reference.sq_sums(*args),
+                                   ops.reference.sq_sums(x, t["r"], None, R, C, frag[0], dim))
 
 
 @needs_ext
@@ -108,10 +108,10 @@ def test_sinkhorn_rescale():
     s = torch.rand(500, generator=gen) * 30
     s[::7] = 0.0  # an all-zero line keeps its scale
     got = torch.ops.sage_dist.sinkhorn_rescale(scale, s, 2.5, 1e-8)
-    ref = ops.sinkhorn_rescale_reference(scale, s, 2.5, 1e-8)
+    ref = ops.reference.sinkhorn_rescale(scale, s, 2.5, 1e-8)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)  # torch's sqrt: within an ulp
     assert torch.equal(got[::7], scale[::7])
-    assert torch.equal(scale, ops.sinkhorn_rescale_reference(scale, torch.zeros(500), 2.5, 1e-8))
+    assert torch.equal(scale, ops.reference.sinkhorn_rescale(scale, torch.zeros(500), 2.5, 1e-8))
 
 
 @needs_ext
@@ -131,7 +131,7 @@ def test_sinkhorn_scales_whole_matrix(shape, dtype):
         r = ops.sinkhorn_rescale(r, ops.sq_sums(g, None, c, rows, cols, 0, 1), 1.5, 1e-8)
         c = ops.sinkhorn_rescale(c, ops.sq_sums(g, r, None, rows, cols, 0, 0), 0.5, 1e-8)
     assert torch.equal(got[0], r) and torch.equal(got[1], c)
-    ref = ops.sinkhorn_scales_reference(g, rows, cols, 5, 1e-8, 1.5, 0.5)
+    ref = ops.reference.sinkhorn_scales(g, rows, cols, 5, 1e-8, 1.5, 0.5)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
@@ -140,11 +140,11 @@ def test_sq_sums_reference_by_hand():
     # [2, 3] matrix, fragment [1, 5): elements g = (1, 2, 3, 4) at (0,1) (0,2) (1,0) (1,1).
     g = torch.tensor([1.0, 2.0, 3.0, 4.0])
     r, c = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.5, 3.0])
-    rows = ops.sq_sums_reference(g, r, c, 2, 3, 1, 1)   # (1*.5)^2 + (2*3)^2; (3*2)^2 + (4*2*.5)^2
-    cols = ops.sq_sums_reference(g, r, c, 2, 3, 1, 0)
+    rows = ops.reference.sq_sums(g, r, c, 2, 3, 1, 1)   # (1*.5)^2 + (2*3)^2; (3*2)^2 + (4*2*.5)^2
+    cols = ops.reference.sq_sums(g, r, c, 2, 3, 1, 0)
     torch.testing.assert_close(rows, torch.tensor([36.25, 52.0]))
     torch.testing.assert_close(cols, torch.tensor([36.0, 0.25 + 16.0, 36.0]))
-    torch.testing.assert_close(ops.colsum_abs_reference(-g, 3, 1), torch.tensor([3.0, 5.0, 2.0]))
+    torch.testing.assert_close(ops.reference.colsum_abs(-g, 3, 1), torch.tensor([3.0, 5.0, 2.0]))
 
 
 # ----------------------------------------------------------------------------- updates
@@ -161,7 +161,7 @@ def run_sage(fn, t, start, momentum_first):
 def test_sage_update(frag, dtype, momentum_first):
     t = inputs(*frag, dtype)
     p, m = run_sage(torch.ops.sage_dist.sage_update_, t, frag[0], momentum_first)
-    p_ref, m_ref = run_sage(ops.sage_update_reference, t, frag[0], momentum_first)
+    p_ref, m_ref = run_sage(ops.reference.sage_update_, t, frag[0], momentum_first)
     assert_close(m, m_ref)
     # A sign tie (the direction's argument within rounding of 0) flips one element by 2 lr h.
     bad = ulp_bad(p, p_ref)
@@ -180,7 +180,7 @@ def test_sage_update_large_sign_ties(dtype):
     p0, g = torch.randn(n, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)
     m0, h = 0.1 * torch.randn(n, generator=gen), torch.rand(1000, generator=gen)
     out = []
-    for fn in (torch.ops.sage_dist.sage_update_, ops.sage_update_reference):
+    for fn in (torch.ops.sage_dist.sage_update_, ops.reference.sage_update_):
         p, m = p0.clone(), m0.clone()
         for _ in range(3):
             fn(p, m, g, h, 1000, start, *SAGE_HP.values(), True)
@@ -200,7 +200,7 @@ def test_scaled_update(frag, dtype, scales):
     r = t["r"] if "r" in scales else None
     c = t["c"] if "c" in scales else None
     out = []
-    for fn in (torch.ops.sage_dist.scaled_update_, ops.scaled_update_reference):
+    for fn in (torch.ops.sage_dist.scaled_update_, ops.reference.scaled_update_):
         p = t["param"].clone()
         fn(p, t["grad"], r, c, C, frag[0], 3e-2, 0.1, 0.3)
         out.append(p)
@@ -215,7 +215,7 @@ def test_momentum_scaled_update(frag, dtype, scales):
     t = inputs(*frag, dtype)
     r = t["r"] if "r" in scales else None
     out = []
-    for fn in (torch.ops.sage_dist.momentum_scaled_update_, ops.momentum_scaled_update_reference):
+    for fn in (torch.ops.sage_dist.momentum_scaled_update_, ops.reference.momentum_scaled_update_):
         p, m = t["param"].clone(), t["m"].clone()
         fn(p, m, t["grad"], r, None, C, frag[0], 0.9, 3e-2, 0.1, 3e-2)
         out.append((p, m))
@@ -269,7 +269,7 @@ def test_multi_lists_of_different_lengths_rejected(impl):
     if impl == "kernel" and not ops.HAS_EXTENSION:
         pytest.skip("sage_dist._C not built")
     fn = (torch.ops.sage_dist.scaled_update_multi_ if impl == "kernel"
-          else ops.scaled_update_multi_reference)
+          else ops.reference.scaled_update_multi_)
     (s0, a), (s1, b) = fragment_lists()[:2]
     with pytest.raises(RuntimeError, match="lists have different lengths"):
         fn([a["param"], b["param"]], [a["grad"], b["grad"]], [a["r"]], [a["c"], b["c"]], [C, C],
@@ -302,7 +302,7 @@ def test_engine_batches_the_updates_of_a_phase(monkeypatch, recipe, op, calls):
 def test_scaled_update_reference_by_hand():
     p = torch.tensor([1.0, 1.0, 1.0])
     g = torch.tensor([1.0, 2.0, 4.0])                # [2, 2] matrix, fragment [1, 4)
-    ops.scaled_update_reference(p, g, torch.tensor([1.0, 0.5]), torch.tensor([2.0, 1.0]),
+    ops.reference.scaled_update_(p, g, torch.tensor([1.0, 0.5]), torch.tensor([2.0, 1.0]),
                                 2, 1, 0.1, 0.5, 0.25)
     # decay 0.95; x = (1*1*1, 2*.5*2, 4*.5*1) = (1, 2, 2)
     torch.testing.assert_close(p, torch.tensor([0.95 - 0.25, 0.95 - 0.5, 0.95 - 0.5]))
@@ -349,13 +349,11 @@ def test_opcheck(case):
 
 # ----------------------------------------------------------------------------- errors
 @needs_ext
-@pytest.mark.parametrize("impl", ["kernel", "reference"])
-def test_bad_arguments_rejected_alike(impl):
+def test_kernels_reject_bad_arguments():
+    """Argument checks live once, in C++ (csrc/include/sage_dist/fragment_checks.h)."""
     t = inputs(0, R * C, torch.float32)
-    k = impl == "kernel"
-    sq = torch.ops.sage_dist.sq_sums if k else ops.sq_sums_reference
-    su = torch.ops.sage_dist.sage_update_ if k else ops.sage_update_reference
-    sc = torch.ops.sage_dist.scaled_update_ if k else ops.scaled_update_reference
+    sq, su = torch.ops.sage_dist.sq_sums, torch.ops.sage_dist.sage_update_
+    sc = torch.ops.sage_dist.scaled_update_
     with pytest.raises(RuntimeError, match="dim=2 is invalid"):
         sq(t["grad"], None, None, R, C, 0, 2)
     with pytest.raises(RuntimeError, match="outside a"):
@@ -370,14 +368,33 @@ def test_bad_arguments_rejected_alike(impl):
         sc(t["param"], t["grad"], torch.ones(3), None, C, 0, 0.1, 0.0, 0.1)
 
 
-# ----------------------------------------------------------------------------- switch
-def test_fused_switch():
-    assert ops.fused_enabled() in (True, False)
-    with ops.fused(False):
-        assert not ops.fused_enabled()
-        with ops.fused(True):
-            assert ops.fused_enabled()
-        assert not ops.fused_enabled()
+def test_references_check_what_their_math_needs():
+    t = inputs(0, R * C, torch.float32)
+    with pytest.raises(RuntimeError, match="dim=2 is invalid"):
+        ops.reference.sq_sums(t["grad"], None, None, R, C, 0, 2)
+    with pytest.raises(ValueError, match="outside a"):
+        ops.reference.sq_sums(t["grad"], None, None, R - 1, C, 0, 1)
+    with pytest.raises(RuntimeError, match="grad has 3 elements but param has"):
+        ops.reference.scaled_update_(t["param"], t["grad"][:3], None, None, C, 0, 0.1, 0.0, 0.1)
+
+
+# ----------------------------------------------------------------------------- force_reference
+@needs_ext
+def test_force_reference_runs_the_references():
+    """Inside force_reference() the public ops skip the dispatcher: the kernel's contiguity
+    check (which the reference does not need) no longer fires, and the results are the
+    reference's."""
+    g = torch.randn(R, 2 * C)[:, ::2]                     # not contiguous
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        ops.colsum_abs(g, C, 0)
+    with ops.force_reference():
+        got = ops.colsum_abs(g, C, 0)
+        with ops.force_reference(False):
+            with pytest.raises(RuntimeError, match="must be contiguous"):
+                ops.colsum_abs(g, C, 0)
+    assert torch.equal(got, ops.reference.colsum_abs(g, C, 0))
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        ops.colsum_abs(g, C, 0)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -389,60 +406,83 @@ def test_cuda_against_reference(frag, dtype):
     tc = {k: v.cpu() for k, v in t.items()}
     start = frag[0]
     torch.testing.assert_close(torch.ops.sage_dist.colsum_abs(t["grad"], C, start).cpu(),
-                               ops.colsum_abs_reference(tc["grad"], C, start),
+                               ops.reference.colsum_abs(tc["grad"], C, start),
                                rtol=1e-6, atol=1e-7)
     for dim in (0, 1):
         args = (t["r"], t["c"], R, C, start, dim)
         torch.testing.assert_close(
             torch.ops.sage_dist.sq_sums(t["grad"], *args).cpu(),
-            ops.sq_sums_reference(tc["grad"], tc["r"], tc["c"], R, C, start, dim),
+            ops.reference.sq_sums(tc["grad"], tc["r"], tc["c"], R, C, start, dim),
             rtol=1e-6, atol=1e-7)
     p, m = run_sage(torch.ops.sage_dist.sage_update_, t, start, True)
-    p_ref, m_ref = run_sage(ops.sage_update_reference, tc, start, True)
+    p_ref, m_ref = run_sage(ops.reference.sage_update_, tc, start, True)
     assert_close(m, m_ref)
     assert int(ulp_bad(p, p_ref).sum()) <= 1e-4 * max(1, p.numel())
     p, p_ref = t["param"].clone(), tc["param"].clone()
     torch.ops.sage_dist.scaled_update_(p, t["grad"], t["r"], t["c"], C, start, 0.03, 0.1, 0.3)
-    ops.scaled_update_reference(p_ref, tc["grad"], tc["r"], tc["c"], C, start, 0.03, 0.1, 0.3)
+    ops.reference.scaled_update_(p_ref, tc["grad"], tc["r"], tc["c"], C, start, 0.03, 0.1, 0.3)
     assert_close(p, p_ref)
     torch.testing.assert_close(
         torch.ops.sage_dist.sq_sums(t["grad"], t["r"], None, R, C, start, 1, t["m"], 0.9).cpu(),
-        ops.sq_sums_reference(tc["grad"], tc["r"], None, R, C, start, 1, tc["m"], 0.9),
+        ops.reference.sq_sums(tc["grad"], tc["r"], None, R, C, start, 1, tc["m"], 0.9),
         rtol=1e-6, atol=1e-7)
     p, m, p_ref, m_ref = t["param"].clone(), t["m"].clone(), tc["param"].clone(), tc["m"].clone()
     torch.ops.sage_dist.momentum_scaled_update_(p, m, t["grad"], t["r"], None, C, start, 0.9,
                                                 0.03, 0.1, 0.03)
-    ops.momentum_scaled_update_reference(p_ref, m_ref, tc["grad"], tc["r"], None, C, start, 0.9,
+    ops.reference.momentum_scaled_update_(p_ref, m_ref, tc["grad"], tc["r"], None, C, start, 0.9,
                                          0.03, 0.1, 0.03)
     assert torch.equal(m.cpu(), m_ref)
     assert_close(p, p_ref)
     if frag == (0, R * C):
         for a, b in zip(torch.ops.sage_dist.sinkhorn_scales(t["grad"], R, C, 5, 1e-8, 1.0, 1.0),
-                        ops.sinkhorn_scales_reference(tc["grad"], R, C, 5, 1e-8, 1.0, 1.0)):
+                        ops.reference.sinkhorn_scales(tc["grad"], R, C, 5, 1e-8, 1.0, 1.0)):
             torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------------------- fallback
+FALLBACK_RUN = """
+import json, sys, warnings
+import torch
+import sage_dist
+from sage_dist import ops
+assert not ops.HAS_EXTENSION and not ops.has_kernel("sq_sums", "cpu")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Embedding(50, 12), torch.nn.Linear(12, 9))
+for p in model.parameters():
+    p.grad = torch.randn_like(p)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    opt = sage_dist.build_optimizer(model, sys.argv[1])
+    for _ in range(2):
+        opt.step()
+print(json.dumps({"params": [p.detach().reshape(-1).tolist() for p in model.parameters()],
+                  "warnings": [str(w.message) for w in caught]}))
+"""
+
+
 @pytest.mark.parametrize("recipe", ["sage-hybrid", "scale"])
-def test_fallback_without_kernels_matches(monkeypatch, recipe):
-    """With no kernel for the device, the rules run each op's pure-PyTorch reference (one
-    warning per op) and give the same step as the kernels."""
+def test_fallback_without_kernels_matches(recipe):
+    """Without the native library the dispatcher runs each op's registered reference (one
+    warning per op and device) and gives the same steps as the kernels."""
+    import json
+    import os
+    import subprocess
+    import sys
     import sage_dist
 
-    def run():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Embedding(50, 12), torch.nn.Linear(12, 9))
-        for p in model.parameters():
-            p.grad = torch.randn_like(p)
-        opt = sage_dist.build_optimizer(model, recipe)
-        for _ in range(2):
-            opt.step()
-        return [p.detach().clone() for p in model.parameters()]
-
-    fast = run()
-    monkeypatch.setattr(ops, "_FRAGMENT_DEVICES", {op: frozenset() for op in ops.FRAGMENT_OPS})
-    monkeypatch.setattr(ops, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="pure-PyTorch fallback"):
-        slow = run()
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    env = dict(os.environ, SAGE_DIST_NO_EXTENSION="1")
+    out = subprocess.run([sys.executable, "-c", FALLBACK_RUN, recipe], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    fallbacks = [w for w in res["warnings"] if "pure-PyTorch fallback" in w]
+    assert fallbacks and len(fallbacks) == len(set(fallbacks)), fallbacks  # once per op
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 12), torch.nn.Linear(12, 9))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt = sage_dist.build_optimizer(model, recipe)
+    for _ in range(2):
+        opt.step()
+    for p, q in zip(model.parameters(), res["params"]):
+        torch.testing.assert_close(p.detach().reshape(-1), torch.tensor(q), rtol=1e-6,
+                                   atol=1e-7)

@@ -50,7 +50,7 @@ def run_lion_beside_reference(n, param_dtype, grad_dtype, device, steps=3):
     for step in range(steps):
         _, _, grad = make_lion_inputs(n, param_dtype, grad_dtype, device, seed=100 + step)
         torch.ops.sage_dist.lion_update_(param, exp_avg, grad, *HYPER.values())
-        ops.lion_update_reference(ref_param, ref_exp_avg, grad.cpu(), **HYPER)
+        ops.reference.lion_update_(ref_param, ref_exp_avg, grad.cpu(), **HYPER)
         assert_close_in_dtype(param, ref_param)
         assert_close_in_dtype(exp_avg, ref_exp_avg)
 
@@ -62,13 +62,13 @@ def test_extension_is_built():
                         "allowed by SAGE_DIST_ALLOW_NO_EXT=1")
         pytest.fail(f"sage_dist._C is not built ({ops.EXTENSION_ERROR}); run "
                     "`python setup.py build_ext --inplace` or set SAGE_DIST_ALLOW_NO_EXT=1")
-    assert "cpu" in ops._LION_DEVICES
+    assert ops.has_kernel("lion_update_", "cpu") and ops.has_kernel("lion_update_multi_", "cpu")
 
 
 def test_reference_matches_spec_by_hand():
     # p = 1*(1 - 0.1*0.1) = 0.99; u = sign(0.9*0.5 + 0.1*(-1)) = +1; p = 0.99 - 0.1 = 0.89;
     # m = 0.99*0.5 + 0.01*(-1) = 0.485.  Second element: zero direction -> decay only.
-    for fn in (ops.lion_update_reference, ops.lion_update_):
+    for fn in (ops.reference.lion_update_, ops.lion_update_):
         param, exp_avg = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.0])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -99,18 +99,11 @@ def test_lion_accepts_any_shapes_with_equal_numel():
     ref_param, ref_exp_avg = param.clone(), exp_avg.clone()
     torch.ops.sage_dist.lion_update_(param.view(4, 6), exp_avg, grad.view(2, 3, 4),
                                      *HYPER.values())
-    ops.lion_update_reference(ref_param, ref_exp_avg, grad, **HYPER)
+    ops.reference.lion_update_(ref_param, ref_exp_avg, grad, **HYPER)
     assert torch.equal(param, ref_param) and torch.equal(exp_avg, ref_exp_avg)
 
 
-def _implementations():
-    impls = [pytest.param(ops.lion_update_reference, id="reference")]
-    if ops.HAS_EXTENSION:
-        impls.append(pytest.param(torch.ops.sage_dist.lion_update_, id="cpu-kernel"))
-    return impls
-
-
-@pytest.mark.parametrize("impl", _implementations())
+@needs_ext
 @pytest.mark.parametrize("case, match", [
     ("grad_size", "grad has 9 elements .* same number of elements"),
     ("exp_avg_size", "exp_avg has 11 elements .* same number of elements"),
@@ -118,7 +111,9 @@ def _implementations():
     ("param_dtype", "param has dtype .*; allowed: Float, BFloat16"),
     ("non_contiguous", "param must be contiguous"),
 ])
-def test_lion_rejects_bad_arguments(impl, case, match):
+def test_lion_rejects_bad_arguments(case, match):
+    """Argument checks live once, in the kernels (csrc/include/sage_dist/checks.h)."""
+    impl = torch.ops.sage_dist.lion_update_
     param, exp_avg, grad = make_lion_inputs(10, torch.float32, torch.float32)
     if case == "grad_size":
         grad = grad[:9]
@@ -136,18 +131,10 @@ def test_lion_rejects_bad_arguments(impl, case, match):
     assert torch.equal(param, before)
 
 
-def test_fallback_warns_once_and_matches_reference(monkeypatch):
-    monkeypatch.setattr(ops, "_LION_DEVICES", frozenset())  # as if no kernel were built
-    monkeypatch.setattr(ops, "_warned", set())
-    param, exp_avg, grad = make_lion_inputs(50, torch.bfloat16, torch.float32)
-    ref_param, ref_exp_avg = param.clone(), exp_avg.clone()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            ops.lion_update_(param, exp_avg, grad, **HYPER)
-            ops.lion_update_reference(ref_param, ref_exp_avg, grad, **HYPER)
-    assert len([w for w in caught if "pure-PyTorch fallback" in str(w.message)]) == 1
-    assert torch.equal(param, ref_param) and torch.equal(exp_avg, ref_exp_avg)
+def test_reference_refuses_unequal_sizes():
+    param, exp_avg, grad = make_lion_inputs(10, torch.float32, torch.float32)
+    with pytest.raises(RuntimeError, match="grad has 9 elements .* same number of elements"):
+        ops.reference.lion_update_(param, exp_avg, grad[:9], *HYPER.values())
 
 
 @needs_ext
@@ -156,7 +143,7 @@ def test_lion_traces_under_torch_compile():
     ref_param, ref_exp_avg = param.clone(), exp_avg.clone()
     step = torch.compile(ops.lion_update_, backend="aot_eager", fullgraph=True)
     step(param, exp_avg, grad, **HYPER)
-    ops.lion_update_reference(ref_param, ref_exp_avg, grad, **HYPER)
+    ops.reference.lion_update_(ref_param, ref_exp_avg, grad, **HYPER)
     assert torch.equal(param, ref_param) and torch.equal(exp_avg, ref_exp_avg)
 
 
@@ -202,12 +189,9 @@ def test_lion_multi_opcheck():
                           (params, exp_avgs, grads, *HYPER.values()))
 
 
-@pytest.mark.parametrize("impl", ["kernel", "reference"])
-def test_lion_multi_rejects_bad_lists(impl):
-    if impl == "kernel" and not ops.HAS_EXTENSION:
-        pytest.skip("sage_dist._C not built")
-    fn = (torch.ops.sage_dist.lion_update_multi_ if impl == "kernel"
-          else ops.lion_update_multi_reference)
+@needs_ext
+def test_lion_multi_rejects_bad_lists():
+    fn = torch.ops.sage_dist.lion_update_multi_
     params, exp_avgs, grads = split(lion_lists()[1:3])
     with pytest.raises(RuntimeError, match="have 2, 1 and 2 tensors"):
         fn(params, exp_avgs[:1], grads, *HYPER.values())

@@ -28,7 +28,8 @@ def _grads(model, step):
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_engine_equals_reference_every_step(recipe, tie):
-    """Per step, from the same parameters and gradients (DISTRIBUTED.md §5), 20 steps, fp32."""
+    """Per step, from the same parameters and gradients (docs/DISTRIBUTED.md, "Exactness"),
+    20 steps, fp32."""
     model = tiny_llama(tie=tie)
     opt = sage_dist.build_optimizer(model, recipe)
     ref_params = [[p.detach().clone() for p in g["params"]] for g in opt.param_groups]

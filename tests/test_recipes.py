@@ -1,4 +1,4 @@
-"""Routing (ALGORITHMS.md §6), describe(), and every bad input build_optimizer must refuse."""
+"""Routing (docs/ALGORITHMS.md §6), describe(), and every bad input build_optimizer must refuse."""
 import pytest
 import torch
 from torch import nn

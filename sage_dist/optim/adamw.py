@@ -12,7 +12,7 @@ class AdamWRule(Rule):
     def state_spec(self, shape, R, C):
         return StateSpec(elementwise=("exp_avg", "exp_avg_sq"), step=True)
 
-    def run(self, f, p, g, st, group):
+    def run(self, f, p, g, st, group, out):
         yield []
         lr, (beta1, beta2) = group["lr"], group["betas"]
         t = self.next_step(st)

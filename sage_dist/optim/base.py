@@ -6,6 +6,8 @@ them across ranks (one all-reduce for all parameters of the phase) and sends bac
 sums. A rule changes parameters and state only after its FIRST yield has been answered, so the
 engine can skip (or refuse) a parameter whose gradient is not finite before anything moves.
 Rules see fp32 flat tensors; the engine upcasts low-precision storage and writes it back.
+Element-wise updates go to `out` (an optim.batch.UpdateBatch), which the engine runs as
+multi-tensor calls at the end of the phase.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from typing import Any, Iterator
 import torch
 
 from ..shard.fragment import Fragment
-from ..shard.layout import LocalLayout
 
 Stats = list[tuple[str, torch.Tensor]]
 
@@ -90,8 +91,8 @@ class Rule:
         for key, check in self.checks.items():
             check(f"{where}{key}", group[key])
 
-    def run(self, f: Fragment, p: torch.Tensor, g: torch.Tensor, st: dict,
-            group: dict) -> Iterator[Stats]:
+    def run(self, f: Fragment, p: torch.Tensor, g: torch.Tensor, st: dict, group: dict,
+            out) -> Iterator[Stats]:
         raise NotImplementedError
 
     @staticmethod

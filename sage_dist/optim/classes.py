@@ -12,7 +12,7 @@ class _SingleRule(RoutedOptimizer):
 
 
 class SAGE(_SingleRule):
-    """SAGE (ALGORITHMS.md §1). Defaults: lr=2e-3, betas=(0.9, 0.99), eps=1e-8,
+    """SAGE (docs/ALGORITHMS.md §1). Defaults: lr=2e-3, betas=(0.9, 0.99), eps=1e-8,
     weight_decay=0.01, momentum_first=True (the authors' order)."""
     rule = "sage"
 

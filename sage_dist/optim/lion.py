@@ -1,7 +1,6 @@
-"""Lion (ALGORITHMS.md §5), the sign-update baseline."""
+"""Lion (docs/ALGORITHMS.md §5), the sign-update baseline."""
 from __future__ import annotations
 
-from .. import ops
 from .base import Rule, StateSpec, check_betas, check_lr, check_nonneg
 
 
@@ -13,8 +12,7 @@ class LionRule(Rule):
     def state_spec(self, shape, R, C):
         return StateSpec(elementwise=("m",))
 
-    def run(self, f, p, g, st, group):
+    def run(self, f, p, g, st, group, out):
         yield []
         beta1, beta2 = group["betas"]
-        update = ops.lion_update_ if ops.fused_enabled() else ops.lion_update_reference
-        update(p, st["m"], g, group["lr"], beta1, beta2, group["weight_decay"])
+        out.lion(p, st["m"], g, group["lr"], beta1, beta2, group["weight_decay"])

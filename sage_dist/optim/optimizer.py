@@ -9,6 +9,7 @@ from .. import ops
 from ..shard.fragment import global_shape
 from ..shard.layout import make_layout
 from .base import NONFINITE_MODES
+from .batch import UpdateBatch
 from .registry import get_rule
 
 
@@ -30,11 +31,16 @@ class RoutedOptimizer(torch.optim.Optimizer):
     than half a bf16 step survive on average. Its random bits depend only on
     (`rounding_seed`, step, parameter name, flat index), not on the sharding, so sharded runs
     still match one process exactly.
+
+    Layout (`sage_dist.shard`): how this rank holds the parameters. By default it is read from
+    the parameters (plain tensors: local; DTensors: FSDP2/HSDP). An engine that re-partitions
+    them after the optimizer exists (DeepSpeed ZeRO) passes `layout=shard.PendingLayout()` and
+    later `use_layout(...)` its own; state is then created for the partitions only.
     """
 
     def __init__(self, params, defaults: dict | None = None, *, nonfinite: str = "skip",
-                 layout=None, defer_state: bool = False, state_dtype=torch.float32,
-                 stochastic_rounding: bool = False, rounding_seed: int = 0):
+                 layout=None, state_dtype=torch.float32, stochastic_rounding: bool = False,
+                 rounding_seed: int = 0):
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r} is invalid: allowed are "
                              f"{', '.join(map(repr, NONFINITE_MODES))}")
@@ -50,12 +56,9 @@ class RoutedOptimizer(torch.optim.Optimizer):
         self.rounding_seed = rounding_seed
         self.nonfinite = nonfinite
         self.nonfinite_count = 0
-        # For engines that re-partition parameters (DeepSpeed): state is created by
-        # attach_deepspeed() for the partitions, never for the full parameters.
-        self._defer_state = defer_state
         super().__init__(params, dict(defaults or {}))
-        self._names = {id(p): n for n, p in self.named_parameters()}
         self.layout = layout if layout is not None else make_layout(self.named_parameters())
+        self.layout.attach(self)
         self._init_state()
 
     # -- groups and state ---------------------------------------------------------------
@@ -98,13 +101,22 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     def _init_state(self) -> None:
         """Create every rule's state now, so state_dict keys exist before the first step."""
-        if getattr(self, "_defer_state", False):
-            return
-        for group in self.param_groups:
-            rule = get_rule(group["rule"])
-            for p in group["params"]:
-                if not self.state.get(p):
-                    self.state[p] = self.layout.new_state(p, rule, self.state_dtype)
+        for entry, rule in self.state_entries():
+            if not self.state.get(entry):
+                self.state[entry] = self.layout.new_state(entry, rule, self.state_dtype)
+
+    def use_layout(self, layout) -> None:
+        """Switch to an engine's own view of the parameters (e.g. DeepSpeed's partitions once
+        deepspeed.initialize has wrapped this optimizer); state is created anew for the new
+        layout's entries. Call it before the first step."""
+        self.layout = layout
+        layout.attach(self)
+        self.state.clear()
+        self._init_state()
+
+    def state_entries(self):
+        """(entry, rule) for every entry that holds state, as the layout lists them."""
+        return [(e, get_rule(g["rule"])) for e, g in self.layout.entries(self.param_groups)]
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state keeps its saved dtype (fp32).
@@ -143,18 +155,17 @@ class RoutedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.layout.reducer.reset_counters()
-        runs = []
+        runs, batch = [], UpdateBatch()
         for f, rule, group, entry in self._jobs():
             g = f.grad.float()
             p = f.data if f.data.dtype == torch.float32 else f.data.float()
-            st = self.layout.state_views(f, self.state[entry], rule)
+            st = self.layout.member_state(entry, f.slot, self.state[entry], rule)
             # Low-precision state: the rule works on fp32 copies, written back when it ends.
             low = {k: v for k, v in st.items() if v.dtype != torch.float32 and v.dim() > 0}
             if low:
                 st = {**st, **{k: v.float() for k, v in low.items()}}
-            runs.append([f, p, rule.run(f, p, g, st, group), g, st, low, group])
-        with ops.deferred() as batch:
-            self._run_phases(runs, batch)
+            runs.append([f, p, rule.run(f, p, g, st, group, batch), g, st, low, group])
+        self._run_phases(runs, batch)
         for group in self.param_groups:  # (a checkpoint from before this key lacks it)
             group["round_step"] = group.get("round_step", 0) + 1
         return loss
@@ -179,35 +190,6 @@ class RoutedOptimizer(torch.optim.Optimizer):
         key = zlib.crc32(f"{name}/{what}".encode())
         seed = hash_seed(self.rounding_seed, group.get("round_step", 0), key)
         ops.round_bf16_(dst, src, seed, f.span.start)
-
-    def attach_deepspeed(self, engine) -> None:
-        """Switch to DeepSpeed's ZeRO partitions after deepspeed.initialize wrapped us."""
-        from ..shard.zero import ZeroLayout
-
-        layout = ZeroLayout(engine.optimizer, self._names)
-        self.layout = layout
-        for group in self.param_groups:
-            # Names of the original parameters no longer match the partitions in 'params'.
-            group.pop("param_names", None)
-        self.state.clear()
-        for flat, rule in self.state_entries():
-            self.state[flat] = layout.new_state(flat, rule, self.state_dtype)
-        self._defer_state = False
-
-    def state_entries(self):
-        """(entry, rule) for every entry holding state. Under ZeRO-3 DeepSpeed empties
-        param_groups between steps, so a partitioned layout lists its own entries."""
-        entries = getattr(self.layout, "entries", None)
-        if entries is not None:
-            return [(e.flat, get_rule(self.param_groups[e.group_index]["rule"]))
-                    for e in entries.values()]
-        return [(p, get_rule(g["rule"])) for g in self.param_groups for p in g["params"]]
-
-    def materialize_state(self) -> None:
-        """Create deferred state for the tensors now in param_groups."""
-        self._defer_state = False
-        self.layout = make_layout(self.named_parameters())
-        self._init_state()
 
     # -- accounting -----------------------------------------------------------------------
     def comm_stats(self) -> dict:

@@ -1,4 +1,4 @@
-"""Recipes: which rule each parameter of a model gets (ALGORITHMS.md §6), and the defaults.
+"""Recipes: which rule each parameter of a model gets (docs/ALGORITHMS.md §6), and the defaults.
 
 Routing looks at module types and GLOBAL shapes only, so it gives the same answer for a plain
 model, a DDP model, an FSDP2 model (DTensor parameters) and a DeepSpeed ZeRO-3 model
@@ -194,7 +194,7 @@ def param_groups(model: nn.Module, recipe="sage-hybrid", lr=None, overrides=None
 
 def build_optimizer(model: nn.Module, recipe: str = "sage-hybrid", lr: float | None = None, *,
                     overrides=None, head: str = "sage", nonfinite: str = "skip",
-                    defer_state: bool = False, state_dtype=torch.float32,
+                    layout=None, state_dtype=torch.float32,
                     stochastic_rounding: bool = False, rounding_seed: int = 0,
                     **hyperparameters) -> RoutedOptimizer:
     """One torch.optim.Optimizer for the whole model, routed by `recipe`.
@@ -203,14 +203,14 @@ def build_optimizer(model: nn.Module, recipe: str = "sage-hybrid", lr: float | N
     rules (each goes to the groups whose rule takes it). `overrides` maps regex patterns on
     parameter names to a rule name or to {'rule': ..., **hyperparameters}; the first pattern
     that matches wins. `head` ('sage', 'auto' or 'sinkhorn') routes an untied output head under
-    sage-hybrid. `defer_state=True` is for engines that re-partition the parameters
-    (DeepSpeed): state is created for the partitions later, never for the full tensors.
+    sage-hybrid. `layout`: see RoutedOptimizer (engines that re-partition the parameters, as
+    DeepSpeed does, pass shard.PendingLayout() and install theirs later).
     `state_dtype`, `stochastic_rounding` and `rounding_seed`: see RoutedOptimizer (precision).
     """
     groups = param_groups(model, recipe, lr, overrides, head, **hyperparameters)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    opt = RoutedOptimizer(groups, nonfinite=nonfinite, defer_state=defer_state,
+    opt = RoutedOptimizer(groups, nonfinite=nonfinite, layout=layout,
                           state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
                           rounding_seed=rounding_seed)
     opt.recipe = get_recipe(recipe).name

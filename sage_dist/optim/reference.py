@@ -1,6 +1,6 @@
 """Plain per-tensor implementations of every rule: the oracle.
 
-Written for clarity, straight from ALGORITHMS.md: whole tensors, the Sinkhorn iterate X
+Written for clarity, straight from docs/ALGORITHMS.md: whole tensors, the Sinkhorn iterate X
 materialised, no fragments, no communication. Fused kernels and sharded paths are tested
 against these functions on the same inputs. Not used for training.
 """

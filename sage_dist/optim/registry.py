@@ -5,11 +5,12 @@ from .adamw import AdamWRule
 from .base import Rule
 from .lion import LionRule
 from .sage import SAGERule
-from .scale import ScaleAdamWRule, ScaleDenseRule, ScaleEmbeddingRule, ScaleHeadRule
+from .scale import ScaleAdamWRule, ScaleHeadRule, ScaleNormRule
 from .sinkhorn import SinkGDRule, SinkhornRule
 
 RULES: dict[str, Rule] = {r.name: r for r in (
-    SAGERule(), SinkhornRule(), SinkGDRule(), ScaleDenseRule(), ScaleEmbeddingRule(),
+    SAGERule(), SinkhornRule(), SinkGDRule(), ScaleNormRule("scale_dense", axis=1),
+    ScaleNormRule("scale_embedding", axis=0),
     ScaleHeadRule(), ScaleAdamWRule(), LionRule(), AdamWRule())}
 
 

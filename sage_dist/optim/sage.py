@@ -1,4 +1,4 @@
-"""SAGE (ALGORITHMS.md §1): a Lion-style sign step damped per column by an O(C) statistic."""
+"""SAGE (docs/ALGORITHMS.md §1): a Lion-style sign step damped per column by an O(C) statistic."""
 from __future__ import annotations
 
 import torch
@@ -13,17 +13,6 @@ def sage_damper(S_hat: torch.Tensor, s: torch.Tensor, sigma, gamma, eps: float) 
     return torch.minimum((sigma / (S_hat + eps)).clamp_(max=1.0), gamma / (s + eps))
 
 
-def sign_direction(m: torch.Tensor, g: torch.Tensor, beta1: float, beta2: float,
-                   momentum_first: bool) -> torch.Tensor:
-    """Update the momentum in place and return sign(beta1*m + (1-beta1)*g) (order per §1)."""
-    if momentum_first:
-        m.mul_(beta2).add_(g, alpha=1 - beta2)
-        return torch.sign(m * beta1 + g * (1 - beta1))
-    u = torch.sign(m * beta1 + g * (1 - beta1))
-    m.mul_(beta2).add_(g, alpha=1 - beta2)
-    return u
-
-
 class SAGERule(Rule):
     name = "sage"
     defaults = dict(lr=2e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, momentum_first=True)
@@ -35,16 +24,13 @@ class SAGERule(Rule):
             return StateSpec(elementwise=("m",), replicated={"S": C}, step=True)
         return StateSpec(elementwise=("m", "S"), step=True)
 
-    def run(self, f, p, g, st, group):
+    def run(self, f, p, g, st, group, out):
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        fused = ops.fused_enabled()  # one pass for |g| sums, one for the update (sage_dist._C)
         t = self.next_step(st)
         bc = 1 - beta2 ** t
         if f.is_matrix:
-            col_abs = (ops.colsum_abs(g, f.cols, f.span.start) if fused
-                       else f.span.col_sum(g.abs()))
-            (col_abs,) = yield [("col", col_abs)]
+            (col_abs,) = yield [("col", ops.colsum_abs(g, f.cols, f.span.start))]
             s = col_abs / f.rows                      # global row count, zero rows included
             S = st["S"].mul_(beta2).add_(s, alpha=1 - beta2)
             S_hat = S / bc
@@ -63,13 +49,5 @@ class SAGERule(Rule):
             H = sage_damper(S_hat, absg, (sq_hat / n).sqrt(), (sq_s / n).sqrt(), eps)
             C, start = max(1, H.numel()), 0                # elementwise: H indexed like g
         self.commit_step(st)
-        if fused:
-            if g.numel():
-                ops.sage_update_(p, st["m"], g, H, C, start, lr, beta1, beta2, wd,
-                                 group["momentum_first"])
-            return
-        if f.is_matrix:
-            H = f.span.expand_col(H)
-        p.mul_(1 - lr * wd)
-        u = sign_direction(st["m"], g, beta1, beta2, group["momentum_first"])
-        p.addcmul_(u, H, value=-lr)
+        if g.numel():
+            out.sage(p, st["m"], g, H, C, start, lr, beta1, beta2, wd, group["momentum_first"])

@@ -1,7 +1,8 @@
-"""SCALE (ALGORITHMS.md §4): RMS-normalised SGD, momentum on the last layer only.
+"""SCALE (docs/ALGORITHMS.md §4): RMS-normalised SGD, momentum on the last layer only.
 
-Dense weights are normalised per output row, embeddings per feature column, the untied output
-head per vocabulary row of its momentum; 1-D parameters take SCALE's own AdamW variant.
+Dense weights are normalised per output row, embeddings per feature column (one rule, two
+axes), the untied output head per vocabulary row of its momentum; 1-D parameters take SCALE's
+own AdamW variant.
 """
 from __future__ import annotations
 
@@ -15,47 +16,25 @@ def _inv_rms(sq_sum, count: int, floor: float):
     return (sq_sum / count).sqrt().clamp_(min=floor).reciprocal_()
 
 
-def _sq_sums(f, x, dim: int, fused: bool):
-    """Partial sums of x^2 per row (dim=1) or per column (dim=0) over the fragment."""
-    if fused:
-        return ops.sq_sums(x, None, None, f.rows, f.cols, f.span.start, dim)
-    return f.span.row_sum(x * x) if dim == 1 else f.span.col_sum(x * x)
+class ScaleNormRule(Rule):
+    """SCALE's stateless rule: g divided by its RMS along `axis` — per output row of a dense
+    weight (axis 1, over the input dim), per feature column of an embedding (axis 0)."""
 
-
-def _scaled_step(f, p, x, group, row=None, col=None, fused=False):
-    """p <- p (1 - lr wd) - lr (x row col)."""
-    lr, wd = group["lr"], group["weight_decay"]
-    if fused:
-        ops.scaled_update_(p, x, row, col, f.cols, f.span.start, lr, wd, lr)
-        return
-    p.mul_(1 - lr * wd)
-    p.sub_(f.span.scale(x, row=row, col=col), alpha=lr)
-
-
-class ScaleDenseRule(Rule):
-    name = "scale_dense"
     matrix_only = True
     defaults = dict(lr=1e-3, weight_decay=0.0, floor=1e-8)
     checks = dict(lr=check_lr, weight_decay=check_nonneg, floor=check_positive)
 
-    def run(self, f, p, g, st, group):
-        fused = ops.fused_enabled()
-        (rows,) = yield [("row", _sq_sums(f, g, 1, fused))]
-        scale = _inv_rms(rows, f.cols, group["floor"])
-        _scaled_step(f, p, g, group, row=scale, fused=fused)
+    def __init__(self, name: str, axis: int):
+        self.name, self.axis = name, axis
 
-
-class ScaleEmbeddingRule(Rule):
-    name = "scale_embedding"
-    matrix_only = True
-    defaults = dict(lr=1e-3, weight_decay=0.0, floor=1e-8)
-    checks = dict(lr=check_lr, weight_decay=check_nonneg, floor=check_positive)
-
-    def run(self, f, p, g, st, group):
-        fused = ops.fused_enabled()
-        (cols,) = yield [("col", _sq_sums(f, g, 0, fused))]
-        scale = _inv_rms(cols, f.rows, group["floor"])
-        _scaled_step(f, p, g, group, col=scale, fused=fused)
+    def run(self, f, p, g, st, group, out):
+        kind, count = ("row", f.cols) if self.axis == 1 else ("col", f.rows)
+        (sums,) = yield [(kind, ops.sq_sums(g, None, None, f.rows, f.cols, f.span.start,
+                                            self.axis))]
+        scale = _inv_rms(sums, count, group["floor"])
+        row, col = (scale, None) if self.axis == 1 else (None, scale)
+        lr = group["lr"]
+        out.scaled(p, g, row, col, f.cols, f.span.start, lr, group["weight_decay"], lr)
 
 
 class ScaleHeadRule(Rule):
@@ -68,21 +47,15 @@ class ScaleHeadRule(Rule):
     def state_spec(self, shape, R, C):
         return StateSpec(elementwise=("m",))
 
-    def run(self, f, p, g, st, group):
+    def run(self, f, p, g, st, group, out):
+        # The new momentum is formed in registers in both passes; m is written by the update.
         beta = group["momentum"]
-        if ops.fused_enabled():  # the new momentum is formed in registers, in both passes
-            rows = ops.sq_sums(g, None, None, f.rows, f.cols, f.span.start, 1, st["m"], beta)
-            (rows,) = yield [("row", rows)]
-            scale = _inv_rms(rows, f.cols, group["floor"])
-            lr, wd = group["lr"], group["weight_decay"]
-            ops.momentum_scaled_update_(p, st["m"], g, scale, None, f.cols, f.span.start, beta,
-                                        lr, wd, lr)
-            return
-        m_new = st["m"] * beta + g * (1 - beta)
-        (rows,) = yield [("row", _sq_sums(f, m_new, 1, fused=False))]
-        st["m"].copy_(m_new)
+        (rows,) = yield [("row", ops.sq_sums(g, None, None, f.rows, f.cols, f.span.start, 1,
+                                             st["m"], beta))]
         scale = _inv_rms(rows, f.cols, group["floor"])
-        _scaled_step(f, p, m_new, group, row=scale, fused=False)
+        lr = group["lr"]
+        ops.momentum_scaled_update_(p, st["m"], g, scale, None, f.cols, f.span.start, beta, lr,
+                                    group["weight_decay"], lr)
 
 
 class ScaleAdamWRule(Rule):
@@ -104,7 +77,7 @@ class ScaleAdamWRule(Rule):
     def state_spec(self, shape, R, C):
         return StateSpec(elementwise=("exp_avg", "exp_avg_sq"), step=True)
 
-    def run(self, f, p, g, st, group):
+    def run(self, f, p, g, st, group, out):
         yield []
         beta1, beta2 = group["adam_betas"]
         peak = group["peak_lr"]

@@ -1,4 +1,4 @@
-"""Sinkhorn normalisation of the gradient, stateless (ALGORITHMS.md §2 and §3).
+"""Sinkhorn normalisation of the gradient, stateless (docs/ALGORITHMS.md §2 and §3).
 
 Both rules alternate row and column normalisation L times. They never materialise the
 normalised gradient X: X[i, j] = g[i, j] * r[i] * c[j] with a row scale r and a column scale
@@ -16,32 +16,23 @@ from .base import Rule, check_iters, check_lr, check_nonneg, check_positive
 
 
 def sinkhorn_scales(f, g: torch.Tensor, iters: int, eps: float, row_target: float,
-                    col_target: float, fused: bool = False):
+                    col_target: float):
     """Generator: yields row then column statistics `iters` times, returns the scales (r, c).
 
     A fragment that holds its whole parameter needs no statistic from elsewhere: it yields
     once, empty (to take part in the engine's first phase, which checks the gradient), then
-    runs all 2L passes back to back, while g is still in cache, instead of one per phase.
-    fused: each statistic is one pass of sage_dist::sq_sums over g (no temporaries)."""
+    runs all 2L passes in one native call while g is still in cache, instead of one per
+    phase. Both paths run the same kernels and agree bit for bit."""
     R, C, start = f.rows, f.cols, f.span.start
-    local = f.whole
-    if local:
+    if f.whole:
         yield []
-        if fused:  # every pass and rescale in one native call
-            return ops.sinkhorn_scales(g, R, C, iters, eps, row_target, col_target)
+        return ops.sinkhorn_scales(g, R, C, iters, eps, row_target, col_target)
     r = torch.ones(R, dtype=torch.float32, device=g.device)
     c = torch.ones(C, dtype=torch.float32, device=g.device)
-    g2 = None if fused else g * g
     for _ in range(iters):
-        rows = (ops.sq_sums(g, None, c, R, C, start, 1) if fused
-                else f.span.row_sum(f.span.scale(g2, col=c * c)))
-        if not local:
-            (rows,) = yield [("row", rows)]
+        (rows,) = yield [("row", ops.sq_sums(g, None, c, R, C, start, 1))]
         r = ops.sinkhorn_rescale(r, rows, row_target, eps)
-        cols = (ops.sq_sums(g, r, None, R, C, start, 0) if fused
-                else f.span.col_sum(f.span.scale(g2, row=r * r)))
-        if not local:
-            (cols,) = yield [("col", cols)]
+        (cols,) = yield [("col", ops.sq_sums(g, r, None, R, C, start, 0))]
         c = ops.sinkhorn_rescale(c, cols, col_target, eps)
     return r, c
 
@@ -61,17 +52,13 @@ class SinkhornRule(Rule):
     def step_size(self, group):
         return group["lr"] * group["sinkhorn_scale"]
 
-    def run(self, f, p, g, st, group):
+    def run(self, f, p, g, st, group, out):
         row_t, col_t = self.targets(f)
-        fused = ops.fused_enabled()
         r, c = yield from sinkhorn_scales(f, g, group["sinkhorn_iters"], group["eps"],
-                                          row_t, col_t, fused)
-        lr, wd = group["lr"], group["weight_decay"]
-        if fused:  # the scaled gradient is formed in registers, never in memory
-            ops.scaled_update_(p, g, r, c, f.cols, f.span.start, lr, wd, self.step_size(group))
-            return
-        p.mul_(1 - lr * wd)
-        p.sub_(f.span.scale(g, row=r, col=c), alpha=self.step_size(group))
+                                          row_t, col_t)
+        # The scaled gradient is formed in registers, never in memory.
+        out.scaled(p, g, r, c, f.cols, f.span.start, group["lr"], group["weight_decay"],
+                   self.step_size(group))
 
 
 class SinkGDRule(SinkhornRule):

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .fragment import Fragment, global_shape, matrix_shape
 from .layout import Layout
-from .span import Span
+from ..ops.span import Span
 from .stats import StatsReducer
 
 

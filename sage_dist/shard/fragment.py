@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .span import Span
+from ..ops.span import Span
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -25,12 +25,12 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 def global_shape(p: torch.Tensor) -> tuple[int, ...]:
     """Shape of the whole parameter, whatever engine holds it.
 
-    DTensor reports its global shape; a DeepSpeed ZeRO-3 parameter keeps it in `ds_shape`.
+    DTensor reports its global shape; a DeepSpeed ZeRO-3 parameter keeps it elsewhere.
     """
-    ds_shape = getattr(p, "ds_shape", None)
-    if ds_shape is not None:
-        return tuple(ds_shape)
-    return tuple(p.shape)
+    from .zero import ds_shape  # (zero.py imports this module)
+
+    shape = ds_shape(p)
+    return shape if shape is not None else tuple(p.shape)
 
 
 @dataclass

@@ -1,26 +1,52 @@
-"""Layout adapters: turn what an engine hands the optimizer into fragments, and keep state.
+"""Layouts: how this rank holds an optimizer's parameters, behind one small protocol.
 
 An optimizer "entry" is what sits in param_groups: a parameter (one process, DDP, FSDP2) or a
-flat partition holding pieces of many parameters (DeepSpeed ZeRO). A layout yields the
-fragments of an entry, creates the entry's state, and gives each fragment views of it.
+flat partition holding pieces of many parameters (DeepSpeed ZeRO). A layout lists the entries
+that hold state, yields each entry's fragments, creates its state and hands each fragment (a
+"member" of its entry) views of that state. The optimizer calls only these methods, never an
+engine's; each engine's internals are read in its own layout module (dtensor.py, zero.py).
 
-The local layout covers one process and DDP: every rank holds whole parameters, so no
-statistic needs communication.
+    entries(param_groups)               [(entry, group)] that hold state
+    attach(optimizer)                   the optimizer switched to this layout (a hook)
+    fragments(entry, name)              [Fragment] of the entry held here
+    new_state(entry, rule, dtype)       the entry's state (elementwise state placed like it)
+    member_state(entry, slot, state, rule)   views of one member's part of the state
+    elementwise_keys(entry, rule)       which state keys are shaped like the entry
+    local_flat(t)                       the flat local view of an elementwise state tensor
+    reducer                             the statistics all-reduce (shard/stats.py)
 """
 from __future__ import annotations
 
 import torch
 
+from ..ops.span import Span
 from .fragment import Fragment, global_shape, matrix_shape
-from .span import Span
 from .stats import StatsReducer
 
 
+def state_sizes(specs, elem_numel: int) -> tuple[set, dict]:
+    """The state of one entry holding members with these StateSpecs: the elementwise keys (each
+    a tensor of `elem_numel` values) and the replicated {key: floats} summed over members.
+    Shared by every layout and the memory estimator."""
+    elem = set().union(*(s.elementwise for s in specs)) if specs else set()
+    rep: dict[str, int] = {}
+    for s in specs:
+        for key, n in s.replicated.items():
+            rep[key] = rep.get(key, 0) + n
+    return elem, rep
+
+
 class Layout:
-    """One fragment per entry; state keyed by the entry, elementwise state shaped like it."""
+    """One fragment per entry (a parameter); state keyed by it, elementwise state like it."""
 
     name = "base"
     reducer: StatsReducer
+
+    def entries(self, param_groups) -> list[tuple[torch.Tensor, dict]]:
+        return [(p, g) for g in param_groups for p in g["params"]]
+
+    def attach(self, optimizer) -> None:
+        pass
 
     def fragments(self, entry: torch.Tensor, name: str) -> list[Fragment]:
         raise NotImplementedError
@@ -30,12 +56,14 @@ class Layout:
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
 
     def local_flat(self, t: torch.Tensor) -> torch.Tensor:
-        """The flat local view of an elementwise state tensor (shares its storage)."""
         return t.view(-1)
 
-    def new_state(self, entry: torch.Tensor, rule, dtype=torch.float32) -> dict:
+    def _spec(self, entry, rule):
         shape = global_shape(entry)
-        spec = rule.state_spec(shape, *matrix_shape(shape))
+        return rule.state_spec(shape, *matrix_shape(shape))
+
+    def new_state(self, entry: torch.Tensor, rule, dtype=torch.float32) -> dict:
+        spec = self._spec(entry, rule)
         st = {}
         if spec.step:
             st["step"] = torch.zeros((), dtype=torch.float32)
@@ -45,18 +73,16 @@ class Layout:
             st[key] = torch.zeros(n, dtype=torch.float32, device=entry.device)
         return st
 
-    def state_views(self, f: Fragment, state: dict, rule) -> dict:
-        """The fragment's part of its entry's state: flat local views, shared storage."""
-        spec = rule.state_spec(f.shape, f.rows, f.cols)
-        return {k: self.local_flat(v) if k in spec.elementwise else v for k, v in state.items()}
+    def member_state(self, entry, slot: int, state: dict, rule) -> dict:
+        elementwise = self._spec(entry, rule).elementwise
+        return {k: self.local_flat(v) if k in elementwise else v for k, v in state.items()}
 
     def elementwise_keys(self, entry: torch.Tensor, rule) -> set[str]:
-        shape = global_shape(entry)
-        return set(rule.state_spec(shape, *matrix_shape(shape)).elementwise)
+        return set(self._spec(entry, rule).elementwise)
 
 
 class LocalLayout(Layout):
-    """Each fragment is a whole parameter held by this process."""
+    """Each fragment is a whole parameter held by this process (one process, DDP)."""
 
     name = "local"
 
@@ -71,6 +97,25 @@ class LocalLayout(Layout):
             grad = grad.reshape(-1)
         return [Fragment(name=name, param=p, shape=shape, span=Span(R, C, 0, R * C),
                          data=p.detach().reshape(-1), grad=grad, whole=True, rows_local=True)]
+
+
+class PendingLayout(Layout):
+    """For an optimizer built before its engine partitions the parameters (DeepSpeed ZeRO): it
+    holds no state and refuses to step until the engine's layout is installed with
+    `optimizer.use_layout(...)`."""
+
+    name = "pending"
+
+    def __init__(self):
+        self.reducer = StatsReducer(None)
+
+    def entries(self, param_groups):
+        return []
+
+    def fragments(self, entry, name):
+        raise RuntimeError(f"{name}: the optimizer is waiting for its engine's partitions; "
+                           f"build it through sage_dist.deepspeed.initialize (or call "
+                           f"optimizer.use_layout(...)) before stepping")
 
 
 def make_layout(named_params: list[tuple[str, torch.Tensor]]) -> Layout:

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from .fragment import Fragment, matrix_shape
-from .layout import Layout
-from .span import Span
+from .layout import Layout, state_sizes
+from ..ops.span import Span
 from .stats import StatsReducer
 
 TESTED_DEEPSPEED = ("0.19.8",)
@@ -47,7 +47,7 @@ GRADIENT_BUFFERS = ("averaged_gradients", "grads_in_partition", "grad_partitions
                     "fp32_groups_gradients_flat")
 # On the engine, and on ZeRO-3 parameters.
 ENGINE_ATTRIBUTES = ("basic_optimizer",)
-PARAM_ATTRIBUTES = ("ds_shape", "ds_numel", "ds_tensor", "partition_numel")
+PARAM_ATTRIBUTES = ("ds_shape", "ds_numel", "ds_tensor", "partition_numel", "allreduce")
 DEEPSPEED_ATTRIBUTES = frozenset(a for attrs in _REQUIRED.values() for a in attrs) | frozenset(
     GRADIENT_BUFFERS + ENGINE_ATTRIBUTES + PARAM_ATTRIBUTES)
 # DeepSpeed 0.19's nccl_start_alignment_factor: ZeRO-1/2 pad each group's flat to a multiple of
@@ -81,6 +81,11 @@ def ds_shape(p):
 def numel(p) -> int:
     """Elements of the whole parameter (a ZeRO-3 parameter's local tensor is empty)."""
     return getattr(p, "ds_numel", None) or p.numel()
+
+
+def is_expert_param(p) -> bool:
+    """DeepSpeed MoE marks expert parameters (reduced over expert groups) allreduce=False."""
+    return getattr(p, "allreduce", True) is False
 
 
 def param_partition(p):
@@ -225,14 +230,31 @@ class ZeroLayout(Layout):
         check_version(wrapper)
         self.stage3 = isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3)
         entries = (_stage3_entries if self.stage3 else _stage12_entries)(wrapper, names)
-        self.entries = {id(e.flat): e for e in entries}
+        self.entries_by_id = {id(e.flat): e for e in entries}
         group = (wrapper._get_sub_group_process_group(0) if self.stage3
                  else wrapper.real_dp_process_group[0])
         self.world = dist.get_world_size(group=group)
         self.reducer = StatsReducer(group if self.world > 1 else None)
 
+    @classmethod
+    def of(cls, engine, names: dict[int, str]) -> "ZeroLayout":
+        """The layout of a DeepSpeed engine's partitions; `names` maps id(parameter) to its
+        name, taken before deepspeed.initialize (which swaps the param groups' tensors)."""
+        return cls(wrapper_of(engine), names)
+
+    def entries(self, param_groups):
+        """Every flat, whatever param_groups holds now: under ZeRO-3 DeepSpeed empties the
+        groups between steps."""
+        return [(e.flat, param_groups[e.group_index]) for e in self.entries_by_id.values()]
+
+    def attach(self, optimizer) -> None:
+        # The groups now hold flat partitions: names of the original parameters no longer
+        # line up with 'params' (the members keep them).
+        for group in optimizer.param_groups:
+            group.pop("param_names", None)
+
     def entry(self, flat: torch.Tensor) -> FlatEntry:
-        e = self.entries.get(id(flat))
+        e = self.entries_by_id.get(id(flat))
         if e is None or e.flat is not flat:
             raise RuntimeError("the optimizer was handed a tensor that is not one of DeepSpeed's "
                                "partitions it was attached to; build it through "
@@ -259,11 +281,7 @@ class ZeroLayout(Layout):
     def new_state(self, flat: torch.Tensor, rule, dtype=torch.float32) -> dict:
         e = self.entry(flat)
         specs = self._specs(e, rule)
-        elem = set().union(*(s.elementwise for s in specs)) if specs else set()
-        rep: dict[str, int] = {}
-        for s in specs:
-            for key, n in s.replicated.items():
-                rep[key] = rep.get(key, 0) + n
+        elem, rep = state_sizes(specs, flat.numel())
         if elem & set(rep):
             raise NotImplementedError(
                 f"param group {e.group_index} mixes 1-D and >=2-D parameters under rule "
@@ -278,9 +296,8 @@ class ZeroLayout(Layout):
             st[key] = torch.zeros(n, dtype=torch.float32, device=flat.device)
         return st
 
-    def state_views(self, f: Fragment, state: dict, rule) -> dict:
-        e = self.entry(f.param)
-        i = f.slot
+    def member_state(self, flat, i: int, state: dict, rule) -> dict:
+        e = self.entry(flat)
         m, specs = e.members[i], self._specs(e, rule)
         out = {}
         for key, t in state.items():
@@ -294,27 +311,26 @@ class ZeroLayout(Layout):
         return out
 
     def elementwise_keys(self, flat, rule) -> set[str]:
-        specs = self._specs(self.entry(flat), rule)
-        return set().union(*(s.elementwise for s in specs)) if specs else set()
+        return state_sizes(self._specs(self.entry(flat), rule), flat.numel())[0]
 
     def local_flat(self, t):
         return t.view(-1)
 
-
-def gather_members(layout: ZeroLayout, flat: torch.Tensor, values: torch.Tensor,
-                   ) -> list[torch.Tensor]:
-    """Whole tensors of every member of `flat`, from a flat-shaped local tensor (the flat
-    itself, its grad, or elementwise state), assembled across ranks with one all-reduce.
-    Collective: every rank of the group must call it for the same flat."""
-    e = layout.entry(flat)
-    fulls = [torch.zeros(math.prod(m.shape), dtype=torch.float32) for m in e.members]
-    for full, m in zip(fulls, e.members):
-        full[m.a:m.b] = values[m.offset:m.offset + (m.b - m.a)].float().cpu()
-    if layout.world > 1 and fulls:
-        buf = torch.cat(fulls)
-        dist.all_reduce(buf, group=layout.reducer.group)
-        fulls = list(torch.split(buf, [f.numel() for f in fulls]))
-    return [f.view(m.shape) for f, m in zip(fulls, e.members)]
+    def gather(self, flat: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
+        """Whole fp32 tensors of every member of `flat`, from a flat-shaped local tensor (the
+        flat itself, its grad, or elementwise state), assembled across ranks with one
+        all-reduce on the tensors' own device (NCCL groups need GPU tensors). Collective:
+        every rank of the group must call it for the same flat."""
+        e = self.entry(flat)
+        fulls = [torch.zeros(math.prod(m.shape), dtype=torch.float32, device=values.device)
+                 for m in e.members]
+        for full, m in zip(fulls, e.members):
+            full[m.a:m.b] = values[m.offset:m.offset + (m.b - m.a)].float()
+        if self.world > 1 and fulls:
+            buf = torch.cat(fulls)
+            dist.all_reduce(buf, group=self.reducer.group)
+            fulls = list(torch.split(buf, [f.numel() for f in fulls]))
+        return [f.view(m.shape) for f, m in zip(fulls, e.members)]
 
 
 def refresh_model_weights(engine) -> None:

@@ -1,7 +1,7 @@
 // Per-element optimizer math, shared by the CPU and CUDA kernels.
 //
 // This header is the only place where the fused kernels spell out an update rule
-// (the spec is /work/shared/spec/ALGORITHMS.md). Everything here is fp32 math on
+// (the spec is docs/ALGORITHMS.md). Everything here is fp32 math on
 // scalars, with no ATen dependency, so it compiles for host and device alike.
 //
 // Scalar hyperparameters arrive from the op as doubles. They are folded into fp32
