@@ -63,7 +63,8 @@ def _check_supported(model, cfg: dict) -> None:
     if zcfg.get("elastic_checkpoint"):
         raise ValueError("zero_optimization.elastic_checkpoint=true is not supported: it "
                          "re-splits every optimizer state as if it were elementwise; set it to "
-                         "false and reshard with sage_dist.deepspeed.reshard")
+                         "false and reshard with sage_dist.deepspeed.save_universal / "
+                         "load_universal")
     off = zcfg.get("offload_optimizer", {}) or {}
     if off.get("device") == "cpu" and float(off.get("ratio", 1.0)) < 1.0:
         raise ValueError(f"zero_optimization.offload_optimizer.ratio={off['ratio']}: partial "

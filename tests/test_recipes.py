@@ -175,3 +175,15 @@ def test_bad_input_in_single_rule_classes():
         sage_dist.optim.RoutedOptimizer([{"params": p, "rule": "sage", "foo": 1}])
     with pytest.raises(ValueError, match=r"needs a >=2-D parameter"):
         sage_dist.optim.SinkGD([nn.Parameter(torch.zeros(5))])
+
+
+def test_fsdp1_flat_parameters_are_refused():
+    """FSDP1 hands the optimizer flat 1-D views; routing them would normalise every matrix as
+    a vector, so build_optimizer refuses before doing anything."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    wrapped = FSDP1.__new__(FSDP1)   # FSDP1 itself needs an accelerator to construct
+    nn.Module.__init__(wrapped)
+    wrapped.inner = nn.Linear(3, 4)
+    with pytest.raises(NotImplementedError, match="FSDP1 .*fully_shard"):
+        sage_dist.build_optimizer(nn.Sequential(wrapped), "sage-hybrid")

@@ -7,6 +7,7 @@ model, a DDP model, an FSDP2 model (DTensor parameters) and a DeepSpeed ZeRO-3 m
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -69,8 +70,22 @@ def _output_head(model: nn.Module):
     return head
 
 
+def _refuse_flat_parameters(model: nn.Module) -> None:
+    """FSDP1 (FullyShardedDataParallel) shows the optimizer flattened 1-D views: every matrix
+    would be routed and normalised as a vector. Refuse it rather than compute the wrong math."""
+    fsdp1 = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    if fsdp1 is None:  # never imported: no module can be wrapped in it (and importing is slow)
+        return
+    if any(isinstance(m, fsdp1.FullyShardedDataParallel) for m in model.modules()):
+        raise NotImplementedError(
+            "the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat 1-D "
+            "parameters hide each weight's 2-D shape; use FSDP2 (torch.distributed.fsdp."
+            "fully_shard, e.g. sage_dist.fsdp.shard_llama) or DeepSpeed ZeRO instead")
+
+
 def classify(model: nn.Module) -> list[tuple[str, torch.Tensor, str]]:
     """(name, parameter, category) for every trainable parameter, tied ones once."""
+    _refuse_flat_parameters(model)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = _output_head(model)
     head_w = getattr(head, "weight", None)
