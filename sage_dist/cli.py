@@ -5,18 +5,7 @@ import argparse
 import sys
 
 
-def _load_model(path: str):
-    """A randomly initialised Hugging Face Llama from a LlamaConfig JSON, on the meta device
-    (routing needs only module types and shapes, so no memory is spent)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig.from_json_file(path)
-    with torch.device("meta"):
-        return LlamaForCausalLM(cfg)
-
-
-def _memory_parser(sub, recipes) -> None:
+def _memory_parser(sub, recipes, shipped) -> None:
     m = sub.add_parser(
         "memory", help="per-rank memory (parameters, gradients, master weights, optimizer "
         "state) of a model config under an engine, from its shapes",
@@ -24,8 +13,8 @@ def _memory_parser(sub, recipes) -> None:
         "optimizer state, estimated from the model config's shapes with DeepSpeed's and "
         "FSDP2's partitioning modelled exactly (docs/MEMORY.md), beside AdamW under the same "
         "setup and DeepSpeed's own AdamW estimate.")
-    m.add_argument("--model", help="a LlamaConfig JSON, e.g. configs/models/llama_7b.json "
-                   "(required except with --fit)")
+    m.add_argument("--model", help=f"a LlamaConfig JSON path or a shipped model config "
+                   f"({', '.join(shipped)}), e.g. llama_7b (required except with --fit)")
     m.add_argument("--world", type=int, required=True, help="data-parallel world size")
     m.add_argument("--engine", default="deepspeed", choices=["deepspeed", "fsdp2", "ddp"])
     m.add_argument("--zero", type=int, default=2, choices=[1, 2, 3],
@@ -47,7 +36,8 @@ def _memory_parser(sub, recipes) -> None:
                    help="name, for each recipe, the largest model config in --configs whose "
                    "per-rank memory on the GPU fits GIB GiB")
     m.add_argument("--configs", default=None,
-                   help="directory of model configs for --fit (default: configs/models)")
+                   help="directory of model configs (*.json) for --fit (default: the shipped "
+                   "ones)")
     m.add_argument("--plot", metavar="PNG", default=None,
                    help="write a PNG of per-rank memory by component, one bar per recipe")
     m.add_argument("--format", default="text", choices=["text", "json", "row"],
@@ -83,13 +73,18 @@ def _memory(args, ap) -> int:
         ap.error("--model is required (except with --fit)")
     if args.rank is not None and not 0 <= args.rank < args.world:
         ap.error(f"--rank {args.rank}: allowed is 0..{args.world - 1}")
+    if args.model:
+        args.model = _model_config(args.model, ap)
     setup = dict(world=args.world, engine=args.engine, zero=args.zero, bf16=args.bf16,
                  offload=args.offload)
     _quiet_deepspeed_import()
     label = memory.setup_label(args.world, args.engine, args.zero, args.bf16, args.offload)
     if args.fit is not None:
-        res = memory.fit(args.fit, recipes=recipes or list(RECIPES), configs_dir=args.configs,
-                         head=args.head, **setup)
+        try:
+            res = memory.fit(args.fit, recipes=recipes or list(RECIPES),
+                             configs_dir=args.configs, head=args.head, **setup)
+        except ValueError as e:   # an empty --configs directory, a config that is not Llama
+            ap.error(f"--fit: {e}")
         print(memory.to_json(res) if args.format == "json" else
               memory.format_fit(res, args.fit, label))
     if args.model:
@@ -109,20 +104,35 @@ def _memory(args, ap) -> int:
     return 0
 
 
+def _model_config(name_or_path: str, ap) -> str:
+    """The model config file meant by --model (a path or a shipped name), checked to be a
+    Llama config; a usage error otherwise."""
+    from . import models
+    try:
+        path = models.find_config(name_or_path, "models")
+        models.load_llama_config(path)
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(f"--model: {e}")
+    return str(path)
+
+
 def main(argv=None) -> int:
+    from . import models
     from .optim.recipes import RECIPES, describe
 
     ap = argparse.ArgumentParser(prog="sage-dist")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    shipped = models.shipped("models")
     d = sub.add_parser("describe", help="print the routing table of a model under a recipe")
-    d.add_argument("--model", required=True, help="a LlamaConfig JSON, e.g. "
-                   "configs/models/llama_tiny.json")
+    d.add_argument("--model", required=True, help="a LlamaConfig JSON path or a shipped "
+                   f"model config ({', '.join(shipped)}), e.g. llama_tiny")
     d.add_argument("--recipe", default="sage-hybrid", choices=list(RECIPES))
     d.add_argument("--head", default="sage", choices=["sage", "auto", "sinkhorn"])
-    _memory_parser(sub, list(RECIPES))
+    _memory_parser(sub, list(RECIPES), shipped)
     args = ap.parse_args(argv)
     if args.cmd == "describe":
-        print(describe(_load_model(args.model), args.recipe, head=args.head))
+        model = models.meta_model(_model_config(args.model, ap))
+        print(describe(model, args.recipe, head=args.head))
     elif args.cmd == "memory":
         return _memory(args, ap)
     return 0

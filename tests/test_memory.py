@@ -18,6 +18,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from dist_harness import run
 import memory_cases as cases
 from sage_dist import memory as M
+from sage_dist import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
@@ -149,7 +150,7 @@ def test_estimate_consistent_with_routing_table():
     cfg = cases.model_config("tiny", vocab_size=2047)
     world = 3
     recs = M.estimate_ranks(cfg, world, "fsdp2", recipe="sage-hybrid")
-    model = M.meta_model(cfg)
+    model = models.meta_model(cfg)
     table = describe(model, "sage-hybrid")
     elem = rep = steps = 0
     for row in table.rows:
@@ -162,7 +163,7 @@ def test_estimate_consistent_with_routing_table():
     assert len({r["optimizer_state"]["elementwise"] for r in recs}) > 1   # uneven shards
 
 
-# The SAGE paper's reference point (ALGORITHMS.md §7): a 1.3B Llama with a 128,256-token
+# The SAGE paper's reference point (docs/ALGORITHMS.md §7): a 1.3B Llama with a 128,256-token
 # vocabulary and tied embeddings (d = 2048), fp32 state: SAGE-hybrid ~0.98 GiB, AdamW ~9.8 GiB.
 # The paper's exact layer layout is not published with the figures; this is Llama-3.2-1B's
 # layout (16 layers, FFN 8192) with full multi-head attention: 1,336,477,696 parameters.
@@ -253,7 +254,7 @@ def test_cli_memory_fit(capsys):
     lines = out.splitlines()[1:]
     assert [l.split()[0] for l in lines] == list(RECIPES)
     fits = M.fit(3, 8, "deepspeed", 3, bf16=True)
-    metas = {name: M.meta_model(path) for name, path in M.model_configs()}
+    metas = {name: models.meta_model(name) for name in models.shipped("models")}
     for recipe, best in fits.items():
         assert best is not None and best["device_total"] <= 3 * M.GIB
         for name, meta in metas.items():   # nothing bigger fits
