@@ -39,8 +39,8 @@ def has_cuda_kernels() -> bool:
     return has_kernel("lion_update_", "cuda")
 
 
-_CASTS = {"float": float, "int": int, "bool": bool,
-          "int[]": lambda xs: [int(x) for x in xs], "Tensor[]": list}
+_CASTS = {"float": float, "int": int, "bool": bool,  # keyed by str(argument.type)
+          "List[int]": lambda xs: [int(x) for x in xs], "List[Tensor]": list}
 
 
 def _public(name: str):
