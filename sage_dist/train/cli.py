@@ -7,12 +7,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
-        from .loop import main as train_main
-        return train_main(argv)
-    from .single import main as single_main  # the original flags (--model, --recipe, ...)
-    return single_main(argv)
+    """The training job (sage_dist.train.loop); without --config, the shipped tiny_single
+    config with the command line's overrides."""
+    from .loop import main as train_main
+    return train_main(sys.argv[1:] if argv is None else list(argv))
 
 
 def end_process(code: int) -> None:
@@ -28,8 +26,8 @@ def end_process(code: int) -> None:
     output of the job (metrics, checkpoints, plot) is written and closed, so the process only
     flushes its streams and leaves with the job's own exit code.
     """
-    from . import loop
-    if not loop.GLOO_USED:
+    from . import dist
+    if not dist.GLOO_USED:
         sys.exit(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

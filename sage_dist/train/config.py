@@ -1,6 +1,12 @@
 """The training configuration: one typed dataclass, read from YAML, then `--key value` overrides.
 
     python -m sage_dist.train --config configs/train/tiny_zero2.yaml --steps 50 --lr 1e-3
+    python -m sage_dist.train --steps 50     # no --config: the shipped tiny_single
+
+`--config`, `model:` and `deepspeed_config:` take a path or a shipped config's name or docs
+path (`sage_dist.models.find_config`: `tiny_zero2`, `configs/models/llama_tiny.json`), so they
+work from any directory, installed or not; data, tokenizer and resume paths are relative to
+the working directory.
 
 Every key is validated before any work is done (and before any process group exists): an
 unknown key, a value of the wrong type or out of range fails with `ConfigError` naming the key,
@@ -11,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = "tiny_single"  # what `python -m sage_dist.train` runs without --config
 ENGINES = ("deepspeed", "fsdp2", "ddp", "single")
 
 
@@ -65,23 +70,24 @@ class TrainConfig:
     plot: bool = True  # loss curves PNG at the end
     threads: int | None = None  # torch intra-op threads per rank
     device: str = "auto"  # auto | cpu | cuda
-    # testing hook: SIGKILL this process at the start of this step on rank `kill_rank`
-    kill_at_step: int | None = None
-    kill_rank: int = 0
 
     # -- derived ---------------------------------------------------------------------------
     def micro_batch(self, world: int) -> int:
         return self.global_batch // (world * self.grad_accum)
 
     def resolve(self, path: str | None) -> Path | None:
-        """Relative paths resolve against the working directory, else the repository root."""
-        if path is None:
-            return None
-        p = Path(path).expanduser()
-        if p.is_absolute() or p.exists():
-            return p
-        q = REPO_ROOT / p
-        return q if q.exists() else p
+        """A data / tokenizer path: relative paths resolve against the working directory."""
+        return None if path is None else Path(path).expanduser()
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The learning-rate schedule, a fraction of the peak at 0-based `step`: linear warmup to 1
+    over warmup_steps (default 10 % of steps), then a cosine reaching min_lr_ratio at `steps`."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.1 * cfg.steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -137,12 +143,21 @@ def _coerce(key: str, value, where: str):
                       f"{' or none' if optional else ''}")
 
 
+def find(key: str, value: str, kind: str) -> Path:
+    """The config file `value` names (a path or a shipped name); ConfigError naming the key."""
+    from sage_dist.models import find_config, shipped
+
+    try:
+        return find_config(value, kind)
+    except (FileNotFoundError, ValueError):
+        raise ConfigError(f"{key}={value!r}: file not found (allowed: a path, or a shipped "
+                          f"{kind} config: {', '.join(shipped(kind))})") from None
+
+
 def load_yaml(path: str) -> dict:
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config: file not found: {path}")
+    p = find("--config", path, "train")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -177,14 +192,15 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
 
 
 def load_config(argv: list[str]) -> TrainConfig:
-    """YAML (if --config) then the overrides, coerced and validated (world-size-free checks)."""
+    """The YAML of --config (default: tiny_single), then the overrides, coerced and validated
+    (the checks that need no world size)."""
     config_path, pairs = parse_overrides(argv)
+    config_path = DEFAULT_CONFIG if config_path is None else config_path
     values = {}
-    if config_path is not None:
-        for key, value in load_yaml(config_path).items():
-            if key not in FIELDS:
-                raise _unknown(str(key), config_path)
-            values[key] = _coerce(key, value, config_path)
+    for key, value in load_yaml(config_path).items():
+        if key not in FIELDS:
+            raise _unknown(str(key), config_path)
+        values[key] = _coerce(key, value, config_path)
     for key, value in pairs:
         if key not in FIELDS:
             raise _unknown(key, "the command line")
@@ -210,6 +226,11 @@ def validate(cfg: TrainConfig) -> None:
     _need(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "allowed: auto, cpu, cuda")
     _need(cfg.state_dtype in ("float32", "bfloat16"), "state_dtype", cfg.state_dtype,
           "allowed: float32, bfloat16")
+    from sage_dist.optim.recipes import get_recipe
+    try:
+        get_recipe(cfg.recipe)
+    except ValueError as e:  # names recipe=VALUE and the recipes allowed
+        raise ConfigError(str(e)) from None
     if cfg.lr is not None:
         _need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a positive number")
     if cfg.weight_decay is not None:
@@ -231,8 +252,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.resume not in ("none", "auto"):
         _need(Path(cfg.resume).is_dir(), "resume", cfg.resume,
               "allowed: none, auto, or an existing checkpoint directory")
-    model = cfg.resolve(cfg.model)
-    _need(model.is_file(), "model", cfg.model, "file not found (a LlamaConfig JSON)")
+    find("model", cfg.model, "models")
     if cfg.data != "embedded":
         _need(cfg.resolve(cfg.data).exists(), "data", cfg.data,
               "path not found (allowed: 'embedded', a .txt/.jsonl file or directory of them, "
@@ -241,8 +261,7 @@ def validate(cfg: TrainConfig) -> None:
         _need(cfg.resolve(cfg.tokenizer).is_dir(), "tokenizer", cfg.tokenizer,
               "directory not found (a Hugging Face tokenizer directory)")
     if cfg.deepspeed_config is not None:
-        _need(cfg.resolve(cfg.deepspeed_config).is_file(), "deepspeed_config",
-              cfg.deepspeed_config, "file not found")
+        find("deepspeed_config", cfg.deepspeed_config, "deepspeed")
 
 
 def world_from_env() -> int:
@@ -263,17 +282,15 @@ def validate_world(cfg: TrainConfig, world: int) -> None:
 
 
 def model_config(cfg: TrainConfig):
-    from transformers import LlamaConfig
+    """The LlamaConfig of `model` (sage_dist.models.load_llama_config), checked against the
+    training config."""
+    from sage_dist.models import load_llama_config
 
-    path = cfg.resolve(cfg.model)
+    find("model", cfg.model, "models")  # a missing file: ConfigError naming model=
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"model={cfg.model!r} is not valid JSON ({e})") from None
-    if data.get("model_type") != "llama":
-        raise ConfigError(f"model={cfg.model!r} has model_type={data.get('model_type')!r}; "
-                          f"allowed: 'llama'")
-    mc = LlamaConfig.from_dict(data)
+        mc = load_llama_config(cfg.model)
+    except ValueError as e:  # not JSON, or not a Llama config: the message names model=VALUE
+        raise ConfigError(str(e)) from None
     if cfg.seq_len > mc.max_position_embeddings:
         raise ConfigError(f"seq_len={cfg.seq_len}: must be <= the model's "
                           f"max_position_embeddings {mc.max_position_embeddings}")

@@ -1,9 +1,11 @@
 """Metrics on rank 0: one JSON object per line (train, eval, memory, final records) and a PNG
-of the loss curves written at the end."""
+of the loss curves written at the end. Memory records hold, per rank, sage_dist.memory's
+breakdown (`measure`, flattened) and the peak RSS."""
 from __future__ import annotations
 
 import json
 import math
+import resource
 from pathlib import Path
 
 
@@ -60,13 +62,14 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str = "") -> Path:
     return png_path
 
 
-def memory_table(per_rank: list[dict]) -> str:
-    def mib(b):
-        return f"{b / 2 ** 20:10.2f}"
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
-    lines = ["rank |  params MiB |   grads MiB | optim state MiB | peak RSS MiB",
-             "-----+-------------+-------------+-----------------+-------------"]
-    for r, m in enumerate(per_rank):
-        lines.append(f"{r:4d} | {mib(m['params'])}  | {mib(m['grads'])}  | "
-                     f"{mib(m['optimizer'])}      | {mib(m['peak_rss'])}")
-    return "\n".join(lines)
+
+def memory_record(breakdown: dict) -> dict:
+    """This rank's memory record for metrics.jsonl: sage_dist.memory's breakdown as flat
+    metrics (`parameters/total`, `gradients`, `optimizer_state/total`, ...; bytes) plus
+    `peak_rss` (this process, getrusage)."""
+    from sage_dist.memory import flatten
+
+    return {**flatten(breakdown, prefix=""), "peak_rss": peak_rss_bytes()}

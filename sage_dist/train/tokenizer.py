@@ -1,17 +1,15 @@
-"""Byte-level BPE trained on the train split of the stdlib corpus, and the encoded token files.
+"""Byte-level BPE trained on the train split of the stdlib corpus (or any documents).
 
-Both are cached beside the corpus. Their names carry the vocabulary size and a hash of the
-corpus, so a different Python (hence a different corpus) or vocabulary never reuses a stale file.
+The corpus tokenizer is cached beside the corpus; its name carries the vocabulary size and a
+hash of the corpus, so a different Python (hence a different corpus) or vocabulary never
+reuses a stale file. The trainer packs the token files itself (data.py).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .corpus import atomic_write_bytes, cache_dir, load_splits
@@ -19,7 +17,7 @@ from .corpus import atomic_write_bytes, cache_dir, load_splits
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = (EOT, PAD)  # EOT gets id 0: it separates documents in the token stream
-FORMAT_VERSION = 1  # bump when the tokenizer setup or the token file layout changes
+FORMAT_VERSION = 1  # bump when the tokenizer setup changes
 
 
 def corpus_hash(splits: dict[str, list[str]]) -> str:
@@ -62,35 +60,3 @@ def load_tokenizer(vocab_size: int = 2048, splits: dict | None = None) -> Tokeni
     tok = train_tokenizer(splits["train"], vocab_size)
     atomic_write_bytes(path, tok.to_str().encode("utf-8"))
     return tok
-
-
-def encode_documents(tok: Tokenizer, docs: list[str]) -> np.ndarray:
-    """One flat stream: each document followed by EOT, so the model learns document ends and
-    windows that straddle two documents see a separator."""
-    eot = tok.token_to_id(EOT)
-    ids = []
-    for enc in tok.encode_batch(docs, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(eot)
-    dtype = np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.int32  # halves the file
-    return np.asarray(ids, dtype=dtype)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_tokens(vocab_size: int = 2048) -> tuple[Tokenizer, dict[str, torch.Tensor]]:
-    """The tokenizer and each split as a flat int64 tensor, encoding (and caching) on first use."""
-    splits = load_splits()
-    chash = corpus_hash(splits)
-    tok = load_tokenizer(vocab_size, splits)
-    tokens = {}
-    for name, docs in splits.items():
-        path = cache_dir() / f"{_stem(vocab_size, chash)}.{name}.npy"
-        if not path.exists():
-            _save_npy(path, encode_documents(tok, docs))
-        tokens[name] = torch.from_numpy(np.load(path).astype(np.int64))
-    return tok, tokens
