@@ -229,6 +229,9 @@ def test_deepspeed_json_fills_agreeing_and_auto_fields(tmp_path):
     assert out["optimizer"] == {"type": "sage-hybrid", "params": {"lr": 1e-3}}
     assert "scheduler" not in out  # the loop schedules the lr itself
     assert out["zero_optimization"] == {"stage": 2}
+    # Our adamw, not DeepSpeed's built-in of the same name.
+    out = deepspeed_json(_ds_cfg(tmp_path, {"gradient_clipping": "auto"}, recipe="adamw"), world=2)
+    assert out["optimizer"]["type"] == "sage_dist.adamw"
     # Fields the JSON leaves out count as "auto".
     out = deepspeed_json(_ds_cfg(tmp_path, {}, bf16=True, grad_accum=1), world=4)
     assert (out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"],

@@ -70,7 +70,10 @@ def deepspeed_json(cfg: TrainConfig, world: int) -> dict:
                 f"deepspeed_config {cfg.deepspeed_config}: optimizer.type="
                 f"{section.get('type')!r} disagrees with the training config "
                 f"(recipe={cfg.recipe!r}); allowed: {cfg.recipe!r} or no optimizer section")
-    ds["optimizer"] = {"type": cfg.recipe, "params": optimizer_kwargs(cfg)}
+    # "adamw" and "lion" alone name DeepSpeed's own optimizers: ours then carry the prefix.
+    name = our_recipe(f"sage_dist.{cfg.recipe}")
+    ds["optimizer"] = {"type": name if our_recipe(name) == name else f"sage_dist.{name}",
+                       "params": optimizer_kwargs(cfg)}
     ds.pop("scheduler", None)
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
