@@ -6,6 +6,8 @@
 # NPROC_PER_NODE defaults to the GPU count (1 without GPUs); RDZV_ID names the job (default
 # sage_dist); LOG_RANK as in run_local.sh. out_dir must be on a filesystem every node sees
 # (checkpoints are written by all ranks into one directory).
+# MAX_RESTARTS (default 2): torchrun's --max-restarts; a failed rank restarts the group on every
+# node, which resumes from the newest checkpoint that verifies (RESUME, default auto).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -26,4 +28,5 @@ if [ "$LOG_RANK" != "all" ]; then ranks=(--local-ranks-filter "$LOG_RANK"); fi
 exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
   --nproc-per-node "$NPROC_PER_NODE" --rdzv-backend c10d \
   --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-sage_dist}" \
-  "${ranks[@]}" -m sage_dist.train --config "$CONFIG" "$@"
+  --max-restarts "${MAX_RESTARTS:-2}" "${ranks[@]}" \
+  -m sage_dist.train --config "$CONFIG" --resume "${RESUME:-auto}" "$@"

@@ -11,4 +11,7 @@ cd "$ROOT"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # 2 ranks on 2 cores
 export DS_ACCELERATOR="${DS_ACCELERATOR:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
 export NPROC="${NPROC:-2}" CONFIG="${CONFIG:-configs/train/tiny_zero2.yaml}"
+# A fresh run each time (run_local.sh defaults to --resume auto); a group that torchrun
+# restarts after a failure still resumes from its newest checkpoint.
+export RESUME="${RESUME:-none}"
 exec bash "$ROOT/launch/run_local.sh" "$@"

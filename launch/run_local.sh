@@ -5,6 +5,9 @@
 # rank 0's output is shown; "all" shows every rank). The rendezvous is --standalone (a free
 # local port).
 # Extra arguments are config overrides passed to `python -m sage_dist.train`.
+# Faults: MAX_RESTARTS (default 2) is torchrun's --max-restarts: a rank that dies makes torchrun
+# restart the whole group, which resumes from the newest checkpoint that verifies (RESUME,
+# default auto, is passed as --resume before the extra arguments, which may override it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -19,5 +22,6 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensio
 export DS_ACCELERATOR="${DS_ACCELERATOR:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
 ranks=()
 if [ "$LOG_RANK" != "all" ]; then ranks=(--local-ranks-filter "$LOG_RANK"); fi
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "${ranks[@]}" \
-  -m sage_dist.train --config "$CONFIG" "$@"
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+  --max-restarts "${MAX_RESTARTS:-2}" "${ranks[@]}" \
+  -m sage_dist.train --config "$CONFIG" --resume "${RESUME:-auto}" "$@"

@@ -48,8 +48,11 @@ GRADIENT_BUFFERS = ("averaged_gradients", "grads_in_partition", "grad_partitions
 # On the engine, and on ZeRO-3 parameters.
 ENGINE_ATTRIBUTES = ("basic_optimizer",)
 PARAM_ATTRIBUTES = ("ds_shape", "ds_numel", "ds_tensor", "partition_numel", "allreduce")
+# On the ZeRO wrappers: set by their step() when the global gradient norm was NaN/Inf, in which
+# case the whole step was skipped on every rank (the client optimizer was not called).
+STEP_ATTRIBUTES = ("overflow",)
 DEEPSPEED_ATTRIBUTES = frozenset(a for attrs in _REQUIRED.values() for a in attrs) | frozenset(
-    GRADIENT_BUFFERS + ENGINE_ATTRIBUTES + PARAM_ATTRIBUTES)
+    GRADIENT_BUFFERS + ENGINE_ATTRIBUTES + PARAM_ATTRIBUTES + STEP_ATTRIBUTES)
 # DeepSpeed 0.19's nccl_start_alignment_factor: ZeRO-1/2 pad each group's flat to a multiple of
 # this times the world size (stage_1_and_2.py).
 ALIGNMENT_FACTOR = 2
@@ -70,6 +73,14 @@ def wrapper_of(engine):
     """DeepSpeed's ZeRO / BF16 wrapper around the client optimizer (None without one)."""
     wrapper = engine.optimizer
     return None if wrapper is client_optimizer(engine) else wrapper
+
+
+def step_skipped(engine) -> bool:
+    """Whether DeepSpeed's last optimizer step skipped the update because the global gradient
+    norm (all-reduced, so every rank agrees) was NaN/Inf: ZeRO-1/2/3 then zero the gradients and
+    never call the client optimizer (DeepSpeed 0.19's overflow path, also in fp32 and bf16)."""
+    wrapper = wrapper_of(engine)
+    return bool(getattr(wrapper, "overflow", False)) if wrapper is not None else False
 
 
 def ds_shape(p):

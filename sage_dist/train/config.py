@@ -70,6 +70,11 @@ class TrainConfig:
     plot: bool = True  # loss curves PNG at the end
     threads: int | None = None  # torch intra-op threads per rank
     device: str = "auto"  # auto | cpu | cuda
+    # faults
+    nonfinite: str = "skip"  # a NaN/Inf gradient: skip (the parameters, or DeepSpeed's whole
+    #                          step, on every rank) | raise (FloatingPointError on every rank)
+    dist_timeout_s: float | None = None  # process-group timeout; None: 300 s (gloo), torch's
+    #                                      default for nccl
 
     # -- derived ---------------------------------------------------------------------------
     def micro_batch(self, world: int) -> int:
@@ -226,6 +231,8 @@ def validate(cfg: TrainConfig) -> None:
     _need(cfg.device in ("auto", "cpu", "cuda"), "device", cfg.device, "allowed: auto, cpu, cuda")
     _need(cfg.state_dtype in ("float32", "bfloat16"), "state_dtype", cfg.state_dtype,
           "allowed: float32, bfloat16")
+    _need(cfg.nonfinite in ("skip", "raise"), "nonfinite", cfg.nonfinite,
+          "allowed: skip, raise")
     from sage_dist.optim.recipes import get_recipe
     try:
         get_recipe(cfg.recipe)
@@ -243,6 +250,9 @@ def validate(cfg: TrainConfig) -> None:
     _need(cfg.grad_clip >= 0, "grad_clip", cfg.grad_clip, "must be >= 0 (0: no clipping)")
     if cfg.threads is not None:
         _need(cfg.threads >= 1, "threads", cfg.threads, "must be >= 1")
+    if cfg.dist_timeout_s is not None:
+        _need(math.isfinite(cfg.dist_timeout_s) and cfg.dist_timeout_s > 0, "dist_timeout_s",
+              cfg.dist_timeout_s, "must be a positive number of seconds (none: the default)")
     if cfg.vocab_size is not None:
         _need(cfg.vocab_size >= 258, "vocab_size", cfg.vocab_size,
               "must be >= 258 (byte-level BPE: 256 bytes + 2 special tokens)")

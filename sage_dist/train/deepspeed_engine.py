@@ -116,7 +116,19 @@ class DeepSpeedEngine(Engine):
     def step(self) -> float:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else float("nan")
+        # A NaN/Inf gradient anywhere makes DeepSpeed's global norm (all-reduced: every rank
+        # sees the same) invalid; ZeRO then skips the whole step on every rank without calling
+        # our optimizer, so its nonfinite='raise' would never fire: raise here, on every rank.
+        if self.step_skipped() and getattr(self.sage, "nonfinite", "skip") == "raise":
+            raise FloatingPointError(
+                f"non-finite gradient: DeepSpeed's global gradient norm is {norm}; it skipped "
+                f"the step on every rank, nothing was updated (nonfinite='raise'; pass "
+                f"nonfinite=skip to skip such steps instead)")
+        return norm
+
+    def step_skipped(self) -> bool:
+        return zero.step_skipped(self.engine)
 
     def full_params(self):
         import deepspeed
@@ -129,7 +141,14 @@ class DeepSpeedEngine(Engine):
         yield from out
 
     def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path), tag=DS_TAG)
+        try:
+            self.engine.save_checkpoint(str(path), tag=DS_TAG)
+        except Exception:
+            # save_checkpoint ends with a barrier, where the ranks whose writes succeeded now
+            # wait: join it, so that every rank reaches the trainer's exchange of errors.
+            from .dist import barrier
+            barrier()
+            raise
 
     def load(self, path: Path) -> None:
         load_path, _ = self.engine.load_checkpoint(str(path), tag=DS_TAG)

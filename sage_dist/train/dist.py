@@ -14,6 +14,31 @@ from .config import ConfigError, TrainConfig
 # Set once this process has run a gloo process group; the command-line entry then ends the
 # process without interpreter finalisation (see sage_dist.train.cli.end_process).
 GLOO_USED = False
+# The process-group timeout when dist_timeout_s is none: a CPU (gloo) run whose peer died or
+# hangs inside a collective fails after this long instead of torch's 30 minutes.
+DEFAULT_GLOO_TIMEOUT_S = 300.0
+TIMEOUT_S: float | None = None  # the timeout the group was created with
+
+
+# Where the loop is (step, what it is doing), for the message of a failed collective.
+PHASE = {"step": 0, "what": "setup", "rank": 0}
+
+
+def set_phase(step: int, what: str, rank: int | None = None) -> None:
+    PHASE["step"], PHASE["what"] = step, what
+    if rank is not None:
+        PHASE["rank"] = rank
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out (a peer died or hangs); names the step and the phase."""
+
+
+def timeout_s(cfg: TrainConfig, device: torch.device) -> float | None:
+    """The process-group timeout: dist_timeout_s, else 300 s on CPU, else torch's default."""
+    if cfg.dist_timeout_s is not None:
+        return float(cfg.dist_timeout_s)
+    return DEFAULT_GLOO_TIMEOUT_S if device.type != "cuda" else None
 
 
 def free_port() -> int:
@@ -29,12 +54,41 @@ def init_distributed(cfg: TrainConfig, device: torch.device) -> tuple[int, int]:
     if "RANK" not in os.environ:  # one process without a launcher: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    global TIMEOUT_S
     if not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        TIMEOUT_S = timeout_s(cfg, device)
+        kw = {} if TIMEOUT_S is None else {"timeout": datetime.timedelta(seconds=TIMEOUT_S)}
+        if kw and backend == "gloo":
+            # Groups created later without a timeout (DeepSpeed's data-parallel group, device
+            # meshes) take torch's module default (30 min for gloo): give them ours too.
+            import torch.distributed.distributed_c10d as c10d
+            if isinstance(getattr(c10d, "default_pg_timeout", None), datetime.timedelta):
+                c10d.default_pg_timeout = kw["timeout"]
+        store = elastic_store(kw.get("timeout", datetime.timedelta(minutes=30)))
+        if store is not None:
+            kw.update(store=store, rank=int(os.environ["RANK"]),
+                      world_size=int(os.environ["WORLD_SIZE"]))
+        tdist.init_process_group(backend, **kw)
     global GLOO_USED
     GLOO_USED = GLOO_USED or "gloo" in str(tdist.get_backend())  # also "cpu:gloo,cuda:nccl"
     return tdist.get_rank(), tdist.get_world_size()
+
+
+def elastic_store(timeout: datetime.timedelta):
+    """Under torchrun, the agent's store with a prefix per restart of the group; None otherwise.
+
+    The workers of every attempt share the agent's TCPStore, and gloo's connectFullMesh of a
+    restarted group read the dead attempt's addresses from it ("Gloo connectFullMesh failed
+    ... Connection refused") and the group never formed. A key prefix per attempt
+    (TORCHELASTIC_RESTART_COUNT) keeps each attempt's rendezvous apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return tdist.PrefixStore(f"sage_dist/attempt_{attempt}/", store)
 
 
 def destroy() -> None:
@@ -77,6 +131,15 @@ def on_rank0_then_all(fn, rank: int):
     if err is not None:
         raise ConfigError(err)
     return result if rank == 0 else fn()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (itself without a process group)."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_gather_objects(obj, world: int) -> list:

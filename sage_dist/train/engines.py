@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -45,7 +46,44 @@ def optimizer_kwargs(cfg: TrainConfig) -> dict:
     if cfg.stochastic_rounding:
         kw["stochastic_rounding"] = True
         kw["rounding_seed"] = cfg.seed
+    if cfg.nonfinite != "skip":
+        kw["nonfinite"] = cfg.nonfinite
     return kw
+
+
+FAULT_NAN_ENV = "SAGE_DIST_FAULT_NAN"
+
+
+def fault_nan_spec(rank: int) -> tuple[int | None, str | None]:
+    """Test hook (not a config key): SAGE_DIST_FAULT_NAN="STEP:RANK[:PARAM]" puts a NaN into
+    element 0 of rank RANK's local gradient of PARAM (default: the first matrix by name) in
+    step STEP, before the engine reduces it, as a bad kernel on one rank would. (single, ddp
+    and DeepSpeed; not fsdp2, whose sharded parameters get their gradients outside autograd.)"""
+    spec = os.environ.get(FAULT_NAN_ENV, "").strip()
+    if not spec:
+        return None, None
+    parts = spec.split(":", 2)
+    try:
+        step, r = int(parts[0]), int(parts[1] if len(parts) > 1 else 0)
+    except ValueError:
+        from .config import ConfigError
+        raise ConfigError(f"{FAULT_NAN_ENV}={spec!r}: allowed is STEP:RANK[:PARAM]") from None
+    return (step if r == rank else None), (parts[2] if len(parts) > 2 else None)
+
+
+def inject_nan_hook(module, param_name: str | None):
+    """Register a one-shot gradient hook writing NaN into element 0; returns (name, handle)."""
+    named = sorted((n, p) for n, p in module.named_parameters() if p.requires_grad)
+    name, p = next(((n, p) for n, p in named if (param_name is None and p.dim() == 2)
+                    or n == param_name), (None, None))
+    if p is None:
+        raise ValueError(f"{FAULT_NAN_ENV}: no parameter {param_name!r}")
+
+    def hook(g):
+        g = g.clone()
+        g.view(-1)[0] = float("nan")
+        return g
+    return name, p.register_hook(hook)
 
 
 class Engine:
@@ -91,6 +129,14 @@ class Engine:
         from sage_dist.memory import measure
 
         return measure(self.wrapped, self.sage)
+
+    def nonfinite_skips(self) -> int:
+        """Parameters (fragments) our optimizer has skipped for a NaN/Inf gradient, so far."""
+        return int(getattr(self.sage, "nonfinite_count", 0))
+
+    def step_skipped(self) -> bool:
+        """Whether the engine itself skipped the whole last step (DeepSpeed's overflow)."""
+        return False
 
     def param_digest(self) -> str:
         """sha256 of every full parameter in fp32, in name order: equal across ranks when the

@@ -9,7 +9,15 @@ shipped `tiny_single` config, with the command line's overrides.
 
 Test hook (not a config key): SAGE_DIST_FAULT_KILL="STEP:RANK" makes rank RANK SIGKILL itself
 at the start of step STEP, as a crash would; the tests use it to check that a resumed run
-reproduces an uninterrupted one.
+reproduces an uninterrupted one. It fires once per out_dir (a marker file there), so a group
+that torchrun restarts runs on past STEP. "STEP:RANK:STOP" sends SIGSTOP instead (a rank that
+hangs rather than dies: its peers fail after dist_timeout_s).
+
+Faults: a failing or timed-out collective (a peer died or hangs) ends the run with
+CollectiveError naming the step and the phase (exit 1); a checkpoint that cannot be written
+(disk full, permission) with CheckpointWriteError (exit 1), the earlier ones untouched; under
+torchrun's --max-restarts (the launchers pass it) a restarted group resumes from the newest
+checkpoint that verifies, even if `resume` is none.
 """
 from __future__ import annotations
 
@@ -26,26 +34,77 @@ import torch
 from . import checkpoint as CK
 from . import config as C
 from .config import ConfigError, TrainConfig
-from .dist import (all_gather_objects, all_reduce_sum, barrier, destroy, init_distributed,
-                   mean_across_ranks, on_rank0_then_all, pick_device)
+from . import dist as DI
+from .dist import (CollectiveError, all_gather_objects, all_reduce_sum, barrier, destroy,
+                   init_distributed, mean_across_ranks, on_rank0_then_all, pick_device)
 from .metrics import MetricsLog, memory_record, plot_losses, ppl
 
 DIGEST_MAX_PARAMS = 50_000_000  # final parameter hash (replica check) only for small models
 FAULT_KILL_ENV = "SAGE_DIST_FAULT_KILL"
 
 
-def fault_kill_step(rank: int) -> int | None:
-    """The step at which this rank kills itself under the SAGE_DIST_FAULT_KILL test hook."""
+def fault_kill_spec(rank: int) -> tuple[int | None, int]:
+    """(step, signal) at which this rank kills itself under the SAGE_DIST_FAULT_KILL hook."""
     spec = os.environ.get(FAULT_KILL_ENV, "").strip()
     if not spec:
-        return None
-    step, _, kill_rank = spec.partition(":")
+        return None, signal.SIGKILL
+    parts = spec.split(":")
     try:
-        step_n, rank_n = int(step), int(kill_rank or 0)
+        step_n, rank_n = int(parts[0]), int(parts[1] if len(parts) > 1 and parts[1] else 0)
+        if len(parts) > 3 or (len(parts) == 3 and parts[2].upper() not in ("KILL", "STOP")):
+            raise ValueError
     except ValueError:
-        raise ConfigError(f"{FAULT_KILL_ENV}={spec!r}: allowed is STEP:RANK (integers), e.g. "
-                          f"12:1") from None
-    return step_n if rank == rank_n else None
+        raise ConfigError(f"{FAULT_KILL_ENV}={spec!r}: allowed is STEP:RANK[:KILL|STOP] "
+                          f"(integers), e.g. 12:1") from None
+    sig = signal.SIGSTOP if len(parts) == 3 and parts[2].upper() == "STOP" else signal.SIGKILL
+    return (step_n if rank == rank_n else None), sig
+
+
+def fault_kill_step(rank: int) -> int | None:
+    """The step at which this rank kills itself under the SAGE_DIST_FAULT_KILL test hook."""
+    return fault_kill_spec(rank)[0]
+
+
+def fault_kill(out: Path, rank: int, step: int, sig) -> None:
+    """Fire the kill hook once per out_dir: a restarted group finds the marker and runs on."""
+    marker = out / f".fault_kill_rank{rank}_step{step}"
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), sig)
+
+
+def elastic_restart() -> int:
+    """How many times torchrun has restarted this group (0: the first attempt)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+COLLECTIVE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "timed out",
+                    "timeout", "broken pipe", "peer", "socket", "distbackenderror")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether an exception comes from a collective whose peer died or hangs."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if dist_error and isinstance(e, dist_error):
+        return True
+    text = f"{type(e).__name__} {e}".lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in COLLECTIVE_WORDS)
+
+
+def collective_error(e: BaseException) -> CollectiveError:
+    step, what = DI.PHASE["step"], DI.PHASE["what"]
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    limit = f"{DI.TIMEOUT_S:g} s" if DI.TIMEOUT_S is not None else "torch's default"
+    return CollectiveError(
+        f"step {step}: the collective of {what} failed on rank {DI.PHASE['rank']} -- a peer rank "
+        f"died or stopped responding (process-group timeout {limit}, config key "
+        f"dist_timeout_s): {first[:400]}")
 
 
 def prepare_checks(argv: list[str]):
@@ -129,20 +188,37 @@ def evaluate(engine, windows: torch.Tensor, cfg: TrainConfig, rank: int, world: 
     return (total[0] / total[1]).item()
 
 
-def train_step(engine, sampler, cfg: TrainConfig, step: int, rank: int, world: int):
-    """One optimizer step (1-based `step`): (mean loss over ranks, lr, grad norm)."""
+def train_step(engine, sampler, cfg: TrainConfig, step: int, rank: int, world: int,
+               nan_at=(None, None)):
+    """One optimizer step (1-based `step`): (mean loss over ranks, lr, grad norm, what was
+    skipped for a NaN/Inf gradient on this rank: None, or {params_skipped, step_skipped})."""
+    from .engines import inject_nan_hook
+
     lr = engine.set_lr(C.lr_factor(cfg, step - 1))
     micro, loss_sum = cfg.micro_batch(world), 0.0
-    for a in range(cfg.grad_accum):
-        x, y = sampler.micro_batch(step - 1, a, rank, world, micro)
-        loss = engine.micro_step(x.to(engine.device), y.to(engine.device),
-                                 last=a == cfg.grad_accum - 1)
-        loss_sum += loss.item()
+    DI.set_phase(step, "forward/backward (the engine's gradient all-reduce / reduce-scatter)")
+    hook = inject_nan_hook(engine.module(), nan_at[1])[1] if nan_at[0] == step else None
+    try:
+        for a in range(cfg.grad_accum):
+            x, y = sampler.micro_batch(step - 1, a, rank, world, micro)
+            loss = engine.micro_step(x.to(engine.device), y.to(engine.device),
+                                     last=a == cfg.grad_accum - 1)
+            loss_sum += loss.item()
+    finally:
+        if hook is not None:
+            hook.remove()
+    DI.set_phase(step, "the optimizer step (the engine's gradient reduction, norm and "
+                       "clipping, the optimizer's all-reduce)")
+    before = engine.nonfinite_skips()
     grad_norm = engine.step()
+    skipped = {"params_skipped": engine.nonfinite_skips() - before,
+               "step_skipped": engine.step_skipped()}
+    skipped = skipped if skipped["params_skipped"] or skipped["step_skipped"] else None
+    DI.set_phase(step, "the all-reduce of the training loss")
     loss = mean_across_ranks(loss_sum / cfg.grad_accum)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training diverged: loss {loss} at step {step}")
-    return loss, lr, grad_norm
+    return loss, lr, grad_norm, skipped
 
 
 def open_out_dir_and_resume(engine, cfg: TrainConfig, out: Path, ckpt_root: Path, rank: int,
@@ -153,20 +229,21 @@ def open_out_dir_and_resume(engine, cfg: TrainConfig, out: Path, ckpt_root: Path
         out.mkdir(parents=True, exist_ok=True)
         CK.remove_stale(ckpt_root)
     barrier()
-    start_step, ckpt = CK.resume(engine, cfg, ckpt_root)
+    start_step, ckpt = CK.resume(engine, cfg, ckpt_root, rank)
     if ckpt is not None:
         log(f"resumed from {ckpt} at step {start_step}")
     return start_step
 
 
 def write_final(engine, cfg: TrainConfig, out: Path, rank: int, world: int, last_val: float,
-                n_params: int):
+                n_params: int, nonfinite: list | None = None):
     """final_rank<r>.json (with the parameter hash, a collective); returns it with every
     rank's memory breakdown and flat memory records."""
     tables, mem = gather_memory(engine, world)
     digest = engine.param_digest() if n_params <= DIGEST_MAX_PARAMS else None
     final = {"rank": rank, "world_size": world, "engine": engine.name, "steps": cfg.steps,
-             "param_sha256": digest, "final_val_loss": last_val, "final_val_ppl": ppl(last_val)}
+             "param_sha256": digest, "final_val_loss": last_val, "final_val_ppl": ppl(last_val),
+             "nonfinite": nonfinite or [], "nonfinite_count": engine.nonfinite_skips()}
     (out / f"final_rank{rank}.json").write_text(json.dumps(final, indent=1))
     return final, tables, mem
 
@@ -179,7 +256,24 @@ def run(argv: list[str]) -> dict:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg)
     rank, world = init_distributed(cfg, device)
-    is0, log, kill_at = rank == 0, rank0_logger(rank), fault_kill_step(rank)
+    is0, log, (kill_at, kill_sig) = rank == 0, rank0_logger(rank), fault_kill_spec(rank)
+    DI.set_phase(0, "setup (data, engine, resume)", rank)
+    restart = elastic_restart()
+    if restart:
+        log(f"elastic restart {restart} (torchrun restarted the group after a failure)")
+        if cfg.resume == "none":
+            cfg.resume = "auto"
+            log("resume: none -> auto for the restarted group")
+    try:
+        return _train(cfg, mc, ds_cfg, device, rank, world, is0, log, kill_at, kill_sig, start)
+    except RuntimeError as e:
+        if isinstance(e, (CollectiveError, CK.CheckpointWriteError)) or \
+                not is_collective_failure(e):
+            raise
+        raise collective_error(e) from e
+
+
+def _train(cfg, mc, ds_cfg, device, rank, world, is0, log, kill_at, kill_sig, start) -> dict:
     manifest, sampler, val = load_data(cfg, mc.vocab_size, rank)
 
     from .engines import build_engine
@@ -196,6 +290,7 @@ def run(argv: list[str]) -> dict:
     log(memory_table(tables, f"sage_dist.memory breakdown at step {start_step}"))
 
     def eval_and_log(step: int) -> float:
+        DI.set_phase(step, "the evaluation (its all-reduce of the validation loss)")
         loss = evaluate(engine, val, cfg, rank, world)
         metrics.write({"kind": "eval", "step": step, "val_loss": loss, "val_ppl": ppl(loss)})
         log(f"step {step:5d} | val_loss {loss:.4f} | val_ppl {ppl(loss):.2f}")
@@ -207,19 +302,28 @@ def run(argv: list[str]) -> dict:
                dynamic_ncols=True, file=sys.stderr, desc="train",
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     tokens_per_step = cfg.global_batch * cfg.seq_len
-    last_val, train_time, window = first_val, 0.0, []
+    last_val, train_time, window, nonfinite = first_val, 0.0, [], []
+    from .engines import fault_nan_spec
+    nan_at = fault_nan_spec(rank)
     for step in range(start_step + 1, cfg.steps + 1):
         if step == kill_at:
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            fault_kill(out, rank, step, kill_sig)
         t0 = time.perf_counter()
-        loss, lr, grad_norm = train_step(engine, sampler, cfg, step, rank, world)
+        loss, lr, grad_norm, skipped = train_step(engine, sampler, cfg, step, rank, world,
+                                                  nan_at)
         dt = time.perf_counter() - t0
         train_time += dt
         window.append(loss)
         rec = {"kind": "train", "step": step, "loss": loss, "ppl": ppl(loss), "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt}
+        if skipped is not None:
+            nonfinite.append({"step": step, **skipped})
+            rec["nonfinite"] = skipped
+            log(f"warning: step {step}: non-finite gradient; " + (
+                "the engine skipped the whole step on every rank" if skipped["step_skipped"]
+                else f"{skipped['params_skipped']} parameter(s) skipped (state untouched)"))
         if step % cfg.log_every == 0 or step == cfg.steps:
+            DI.set_phase(step, "the all-gather of the memory breakdowns")
             rec["memory"] = gather_memory(engine, world)[1]
             log(f"step {step:5d} | train_loss {sum(window) / len(window):.4f} | lr {lr:.3e} | "
                 f"grad_norm {grad_norm:.3f} | {tokens_per_step / dt:,.0f} tok/s | peak RSS "
@@ -231,12 +335,15 @@ def run(argv: list[str]) -> dict:
         if step % cfg.eval_every == 0 or step == cfg.steps:
             last_val = eval_and_log(step)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            DI.set_phase(step, "the checkpoint save")
             log(f"checkpoint: {CK.save_checkpoint(engine, cfg, step, rank, world, ckpt_root)}")
     bar.close()
+    DI.set_phase(cfg.steps, "the end of the run (final evaluation, parameter hash)")
     if last_val is None:  # resumed from the last step's checkpoint: nothing left to train
         last_val = evaluate(engine, val, cfg, rank, world)
 
-    final, tables, mem = write_final(engine, cfg, out, rank, world, last_val, n_params)
+    final, tables, mem = write_final(engine, cfg, out, rank, world, last_val, n_params,
+                                     nonfinite)
     result = dict(final, seconds=time.perf_counter() - start, memory=mem,
                   step0_val_loss=first_val, train_seconds=train_time)
     if is0:
@@ -263,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except FloatingPointError as e:
+    except (FloatingPointError, CollectiveError, CK.CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
