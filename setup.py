@@ -5,9 +5,12 @@ kernels (csrc/cuda/*.cu) are added when all of these hold:
   * torch was built with CUDA (torch.version.cuda is set),
   * a CUDA toolkit is found: $CUDA_HOME, else /usr/local/cuda (must contain bin/nvcc),
   * SAGE_DIST_NO_CUDA is not "1".
-Environment knobs: CUDA_HOME, SAGE_DIST_NO_CUDA=1, TORCH_CUDA_ARCH_LIST (default
-"8.0;9.0+PTX"), SAGE_DIST_CPU_ARCH (auto | avx2 | generic, default auto: AVX2 if the build
-machine has it), MAX_JOBS (parallel compile jobs, read by torch's ninja build).
+Environment knobs: CUDA_HOME, SAGE_DIST_NO_CUDA=1, TORCH_CUDA_ARCH_LIST (an explicit list,
+used as given), SAGE_DIST_CUDA_ARCHS (torch | visible, default torch: every architecture the
+installed torch is built for, plus any visible GPU none of them runs on, with PTX of the
+newest; visible: only the visible GPUs', a quicker build for this machine; see
+choose_cuda_archs), SAGE_DIST_CPU_ARCH (auto | avx2 | generic, default auto: AVX2 if the
+build machine has it), MAX_JOBS (parallel compile jobs, read by torch's ninja build).
 
     pip install --no-build-isolation -e .
     python setup.py build_ext --inplace
@@ -21,7 +24,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # A100, H100; the PTX lets newer GPUs JIT-compile
+# When torch reports no architectures and no GPU is visible: what CUDA 13 builds (Turing to
+# Blackwell), PTX of the newest for GPUs after it.
+FALLBACK_CUDA_ARCHS = "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
 
 
 try:
@@ -54,6 +59,103 @@ def _find_cuda_toolkit():
             return None, (f"no CUDA toolkit at {root} (no {rel}); "
                           "set CUDA_HOME to the toolkit root, e.g. /usr/local/cuda-13.0")
     return os.path.realpath(root), "ok"
+
+
+def choose_cuda_archs(env, torch_archs, visible, nvcc_archs=None):
+    """The CUDA architectures to build for, as (TORCH_CUDA_ARCH_LIST value, what it came from).
+
+    A pure function of its inputs (tests/test_gpu_ready.py calls it with made-up ones):
+      env          the environment: TORCH_CUDA_ARCH_LIST (used as given when set),
+                   SAGE_DIST_CUDA_ARCHS ('torch', the default, or 'visible');
+      torch_archs  what the installed torch is built for (torch.cuda.get_arch_list():
+                   'sm_75', 'sm_90a', 'compute_120', ...);
+      visible      the visible GPUs' compute capabilities, [(major, minor), ...];
+      nvcc_archs   what the toolkit can build ('compute_75', ... from nvcc --list-gpu-arch),
+                   None when unknown.
+    'torch': every architecture torch has kernels for (so the extension runs wherever torch
+    does), plus each visible GPU that none of them runs on (a cubin runs on GPUs of its major
+    version and an equal or higher minor one); 'visible': the visible GPUs only. Either way
+    architectures the toolkit cannot build are dropped, and the newest also gets PTX, which
+    the driver JIT-compiles for GPUs newer than every cubin.
+    """
+    import re
+
+    explicit = (env.get("TORCH_CUDA_ARCH_LIST") or "").strip()
+    if explicit:
+        return explicit, "TORCH_CUDA_ARCH_LIST"
+    mode = env.get("SAGE_DIST_CUDA_ARCHS") or "torch"
+    if mode not in ("torch", "visible"):
+        raise ValueError(f"SAGE_DIST_CUDA_ARCHS={mode!r} is invalid: allowed are 'torch', "
+                         f"'visible' (or set TORCH_CUDA_ARCH_LIST to a list such as '8.0;9.0')")
+
+    def cap(name):  # 'sm_90a' / 'compute_120' / '8.6' -> (9, 0) / (12, 0) / (8, 6)
+        m = re.fullmatch(r"(?:sm_|compute_)(\d+)(\d)[a-z]?|(\d+)\.(\d)[a-z]?(?:\+PTX)?", name)
+        if not m:
+            return None
+        major, minor = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        return int(major), int(minor)
+
+    def fmt(caps):
+        return ", ".join(f"{a}.{b}" for a, b in sorted(caps)) or "none"
+
+    torch_caps = {c for c in map(cap, torch_archs) if c}
+    visible = {tuple(v) for v in visible}
+    notes = []
+    if mode == "visible":
+        if not visible:
+            raise ValueError("SAGE_DIST_CUDA_ARCHS=visible, but no GPU is visible to this build")
+        caps = set(visible)
+        notes.append(f"the visible GPUs ({fmt(visible)})")
+    elif torch_caps:
+        caps = set(torch_caps)
+        notes.append(f"the installed torch's architectures ({fmt(torch_caps)})")
+        added = {v for v in visible
+                 if not any(c[0] == v[0] and c[1] <= v[1] for c in torch_caps)}
+        caps |= added
+        notes.append(f"visible GPUs: {fmt(visible)}"
+                     + (f" ({fmt(added)} added: no torch architecture runs on them)"
+                        if added else ""))
+    else:
+        caps = {cap(a) for a in FALLBACK_CUDA_ARCHS.split(";")} | visible
+        notes.append(f"torch reports no architectures: {FALLBACK_CUDA_ARCHS} and the visible "
+                     f"GPUs ({fmt(visible)})")
+    if nvcc_archs is not None:
+        can = {c for c in map(cap, nvcc_archs) if c}
+        dropped = {c for c in caps if c not in can}
+        if dropped:
+            caps -= dropped
+            notes.append(f"dropped {fmt(dropped)}: this toolkit cannot build them")
+    if not caps:
+        raise ValueError("no CUDA architecture left to build for (" + "; ".join(notes)
+                         + "); set TORCH_CUDA_ARCH_LIST")
+    archs = [f"{a}.{b}" for a, b in sorted(caps)]
+    archs[-1] += "+PTX"
+    return ";".join(archs), "; ".join(notes)
+
+
+def _cuda_archs(cuda_root):
+    """choose_cuda_archs with this machine's inputs: torch's arch list, the visible GPUs, and
+    the toolkit's `nvcc --list-gpu-arch`."""
+    import subprocess
+
+    import torch
+
+    archs = list(torch.cuda.get_arch_list())
+    if not archs and hasattr(torch._C, "_cuda_getArchFlags"):  # older torch: [] without a GPU
+        archs = torch._C._cuda_getArchFlags().split()
+    visible = []
+    if torch.cuda.is_available():
+        visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    try:
+        out = subprocess.run([os.path.join(cuda_root, "bin", "nvcc"), "--list-gpu-arch"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        nvcc_archs = out.split()
+    except (OSError, subprocess.SubprocessError):
+        nvcc_archs = None
+    try:
+        return choose_cuda_archs(os.environ, archs, visible, nvcc_archs)
+    except ValueError as e:
+        sys.exit(f"sage_dist setup: {e}")
 
 
 def _pip_cuda_include_dirs():
@@ -98,7 +200,9 @@ def _extensions():
     cuda_root, reason = _find_cuda_toolkit()
     if cuda_root:
         os.environ["CUDA_HOME"] = cuda_root
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        archs, source = _cuda_archs(cuda_root)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        _log(f"CUDA archs: {archs} (from {source})")
 
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -69,6 +70,8 @@ def _memory(args, ap) -> int:
         ap.error(f"--world {args.world}: allowed is an integer >= 1")
     if args.offload and args.engine != "deepspeed":
         ap.error("--offload models DeepSpeed's offload_optimizer: use --engine deepspeed")
+    if args.fit is not None and not (math.isfinite(args.fit) and args.fit > 0):
+        ap.error(f"--fit {args.fit:g}: allowed is a number of GiB > 0")
     if args.fit is None and not args.model:
         ap.error("--model is required (except with --fit)")
     if args.rank is not None and not 0 <= args.rank < args.world:

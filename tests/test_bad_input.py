@@ -2,8 +2,7 @@
 the training config's keys, the DeepSpeed JSON reconciliation and `sage-dist memory`.
 
 Each case must raise before any work or collective, with a message naming the field, the value
-and what is allowed (the words listed per case). Cases marked xfail are known gaps in code
-outside the trainer (listed for its owners); strict, so a fix shows up as XPASS.
+and what is allowed (the words listed per case).
 """
 import json
 import subprocess
@@ -26,20 +25,8 @@ def mat():
     return [torch.nn.Parameter(torch.randn(3, 4))]
 
 
-def is_gap(c) -> bool:
-    return hasattr(c, "marks")  # a pytest.param (a ParameterSet, itself a tuple)
-
-
-def values(c):
-    return c.values if is_gap(c) else c
-
-
 def ids(table):
-    return [values(c)[0] for c in table]
-
-
-def gap(reason):
-    return pytest.mark.xfail(strict=True, reason=f"known gap (not trainer code): {reason}")
+    return [c[0] for c in table]
 
 
 # -- build_optimizer ---------------------------------------------------------------------------
@@ -63,11 +50,9 @@ BUILD = [
     ("stochastic-rounding", dict(stochastic_rounding="yes"),
      ["stochastic_rounding='yes'", "True or False"]),
     ("rounding-seed", dict(rounding_seed=-1), ["rounding_seed=-1", "2**63"]),
-    pytest.param("head", dict(head="xx"), ["head='xx'", "allowed"],
-                 marks=gap("build_optimizer(head='xx') is accepted when nothing routes a head")),
-    pytest.param("model-not-module", dict(m=[torch.zeros(3, requires_grad=True)]),
-                 ["model", "nn.Module"],
-                 marks=gap("a list instead of a module gives AttributeError 'modules'")),
+    ("head", dict(head="xx"), ["head='xx'", "allowed"]),
+    ("model-not-module", dict(m=[torch.zeros(3, requires_grad=True)]),
+                 ["model", "nn.Module"]),
 ]
 
 
@@ -110,15 +95,12 @@ RULES = [
     ("lion-wd-nan", lambda K: K.Lion(mat(), weight_decay=NAN), ["weight_decay=nan", "finite"]),
     ("adamw-betas", lambda K: K.AdamW(mat(), betas=(0.9, 1.001)), ["betas[1]=1.001", "[0, 1)"]),
     ("adamw-wd-nan", lambda K: K.AdamW(mat(), weight_decay=NAN), ["weight_decay=nan"]),
-    pytest.param("sage-frozen-only",
+    ("sage-frozen-only",
                  lambda K: K.SAGE([torch.nn.Parameter(torch.randn(3), requires_grad=False)]),
-                 ["no trainable parameters"],
-                 marks=gap("a rule class over frozen parameters only is accepted")),
-    pytest.param("sage-shared-param",
+                 ["no trainable parameters"]),
+    ("sage-shared-param",
                  lambda K: K.SAGE([{"params": [SHARED]}, {"params": [SHARED]}]),
-                 ["param_groups[1]", "param_groups[0]"],
-                 marks=gap("torch's 'some parameters appear in more than one parameter group' "
-                           "names neither group nor parameter")),
+                 ["param_groups[1]", "param_groups[0]"]),
 ]
 
 
@@ -237,8 +219,7 @@ MEMORY = [
      ["--engine", "'tp'", "choose from"]),
     ("zero-stage", ["--world", "2", "--model", "llama_tiny", "--zero", "4"],
      ["--zero", "4", "choose from"]),
-    pytest.param("fit-negative", ["--world", "2", "--fit", "-1"], ["--fit", "-1"],
-                 marks=gap("sage-dist memory --fit -1 is accepted")),
+    ("fit-negative", ["--world", "2", "--fit", "-1"], ["--fit", "-1"]),
 ]
 
 
@@ -257,15 +238,13 @@ def test_sage_dist_memory_bad_arguments():
             "            rc = e.code\n"
             "    out.append([rc, err.getvalue()])\n"
             "print(json.dumps(out))\n")
-    cases = [values(c) for c in MEMORY]
+    cases = list(MEMORY)
     p = subprocess.run([sys.executable, "-c", code, json.dumps([c[1] for c in cases])],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads(p.stdout.strip().splitlines()[-1])
-    gaps = {c.values[0] for c in MEMORY if is_gap(c)}
     for (name, argv, words), (rc, err) in zip(cases, results):
-        ok = rc == 2 and all(w in err for w in words)
-        assert ok != (name in gaps), (name, rc, err[-500:])
+        assert rc == 2 and all(w in err for w in words), (name, rc, err[-500:])
 
 
 def test_table_size():

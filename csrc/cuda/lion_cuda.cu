@@ -16,12 +16,13 @@
 
 #include "sage_dist/checks.h"
 #include "sage_dist/elementwise.h"
+#include "sage_dist/launch.h"
 #include "sage_dist/multi_tensor.cuh"
 
 namespace sage_dist {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = launch::kThreads;
 
 // Grid-stride loop: fp32 math in registers, stores in the storage dtype.
 template <typename P, typename G>
@@ -39,17 +40,19 @@ __global__ void lion_cuda_kernel(P* __restrict__ param, float* __restrict__ exp_
   }
 }
 
+// Enough blocks to fill the GPU (launch::elementwise_blocks); the grid-stride loop does the rest.
 int num_blocks(int64_t n, int device) {
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  // Enough blocks to fill the GPU a few times over; the grid-stride loop does the rest.
-  const int64_t wanted = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, 8LL * sm_count)));
+  return static_cast<int>(launch::elementwise_blocks(n, sm_count(device)));
 }
 
 void lion_update_cuda(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& grad,
                       double lr, double beta1, double beta2, double weight_decay) {
   check_lion_args(param, exp_avg, grad, c10::DeviceType::CUDA);
+  AliasCheck alias("sage_dist::lion_update_");
+  alias.add("param", param, true);
+  alias.add("exp_avg", exp_avg, true);
+  alias.add("grad", grad, false);
+  alias.check();
   const int64_t n = param.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
@@ -72,25 +75,35 @@ void lion_update_cuda(const at::Tensor& param, const at::Tensor& exp_avg, const 
 template <typename P, typename G>
 struct LionMultiOp {
   elementwise::LionCoeffs c;
-  __device__ void operator()(const int64_t* rec, int64_t i) const {
-    P* param = multi_tensor::ptr<P>(rec[0]);
-    float* exp_avg = multi_tensor::ptr<float>(rec[1]);
-    const G* grad = multi_tensor::ptr<const G>(rec[2]);
-    float p = static_cast<float>(param[i]);
-    float m = exp_avg[i];
-    elementwise::lion_update(p, m, static_cast<float>(grad[i]), c);
-    param[i] = static_cast<P>(p);
-    exp_avg[i] = m;
+  __device__ void operator()(const int64_t* rec, int64_t i0, int64_t end, int64_t stride) const {
+    P* __restrict__ param = multi_tensor::ptr<P>(rec[0]);
+    float* __restrict__ exp_avg = multi_tensor::ptr<float>(rec[1]);
+    const G* __restrict__ grad = multi_tensor::ptr<const G>(rec[2]);
+    for (int64_t i = i0; i < end; i += stride) {
+      float p = static_cast<float>(param[i]);
+      float m = exp_avg[i];
+      elementwise::lion_update(p, m, static_cast<float>(grad[i]), c);
+      param[i] = static_cast<P>(p);
+      exp_avg[i] = m;
+    }
   }
 };
 
 void lion_update_multi_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorList grads,
                             double lr, double beta1, double beta2, double weight_decay) {
   check_lion_multi_args(params, exp_avgs, grads, c10::DeviceType::CUDA);
+  constexpr const char* op = "sage_dist::lion_update_multi_";
+  AliasCheck alias(op);  // across the lists too: two entries must not share memory either
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto k = static_cast<int64_t>(i);
+    alias.add("params", params[i], true, k);
+    alias.add("exp_avgs", exp_avgs[i], true, k);
+    alias.add("grads", grads[i], false, k);
+  }
+  alias.check();
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto c = elementwise::make_lion_coeffs(lr, beta1, beta2, weight_decay);
-  constexpr const char* op = "sage_dist::lion_update_multi_";
   multi_tensor::for_each_dtype_pair(params, grads, [&](auto pt, auto gt, const auto& idx) {
     std::vector<std::array<int64_t, 4>> records;
     for (size_t i : idx)
@@ -100,7 +113,7 @@ void lion_update_multi_cuda(at::TensorList params, at::TensorList exp_avgs, at::
     dispatch_param_and_grad(pt, gt, op, [&](auto p_tag, auto g_tag) {
       using P = decltype(p_tag);
       using G = decltype(g_tag);
-      multi_tensor::apply<4>(records, params[0].device(), LionMultiOp<P, G>{c});
+      multi_tensor::apply<4>(op, records, params[0].device(), LionMultiOp<P, G>{c});
     });
   });
 }

@@ -12,11 +12,13 @@
 
 #include "sage_dist/checks.h"
 #include "sage_dist/elementwise.h"
+#include "sage_dist/launch.h"
+#include "sage_dist/multi_tensor.cuh"
 
 namespace sage_dist {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = launch::kThreads;
 
 __global__ void round_bf16_kernel(uint16_t* __restrict__ out, const float* __restrict__ src,
                                   int64_t n, uint64_t seed, uint64_t offset) {
@@ -31,15 +33,15 @@ __global__ void round_bf16_kernel(uint16_t* __restrict__ out, const float* __res
 void round_bf16_cuda(const at::Tensor& out, const at::Tensor& src, int64_t seed,
                      int64_t offset) {
   check_round_bf16_args(out, src, offset, c10::DeviceType::CUDA);
+  AliasCheck alias("sage_dist::round_bf16_");
+  alias.add("out", out, true);
+  alias.add("src", src, false);
+  alias.check();
   const int64_t n = out.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount,
-                                        out.device().index()));
-  const int64_t wanted = (n + kThreads - 1) / kThreads;
   const int blocks =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, 8LL * sm_count)));
+      static_cast<int>(launch::elementwise_blocks(n, sm_count(out.device().index())));
   round_bf16_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>()), src.const_data_ptr<float>(),
       n, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));

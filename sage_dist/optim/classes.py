@@ -9,6 +9,9 @@ class _SingleRule(RoutedOptimizer):
 
     def __init__(self, params, *, nonfinite: str = "skip", **hyperparameters):
         super().__init__(params, {"rule": self.rule, **hyperparameters}, nonfinite=nonfinite)
+        if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
+            raise ValueError(f"{type(self).__name__}: the parameters given hold no trainable "
+                             f"parameters (every one has requires_grad=False)")
 
 
 class SAGE(_SingleRule):

@@ -77,6 +77,14 @@ class RoutedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}{unknown[0]} is not a hyperparameter of rule "
                              f"{rule_name!r}: allowed are {', '.join(sorted(rule.defaults))}")
         rule.validate(group, where)
+        params = group["params"]
+        group["params"] = params = [params] if torch.is_tensor(params) else list(params)
+        seen = {id(q): k for k, g in enumerate(self.param_groups) for q in g["params"]}
+        for i, p in enumerate(params):
+            if id(p) in seen:
+                raise ValueError(f"{where}params[{i}] ({self._name(group, i)}) is already in "
+                                 f"param_groups[{seen[id(p)]}]: allowed is each parameter in "
+                                 f"one group only")
         super().add_param_group(group)
         for i, p in enumerate(group["params"]):
             if rule.matrix_only and len(global_shape(p)) < 2:
@@ -101,9 +109,11 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     def _init_state(self) -> None:
         """Create every rule's state now, so state_dict keys exist before the first step."""
-        for entry, rule in self.state_entries():
+        entries = self.state_entries()
+        for entry, rule in entries:
             if not self.state.get(entry):
                 self.state[entry] = self.layout.new_state(entry, rule, self.state_dtype)
+        self._built_for = [entry for entry, _ in entries]  # what _follow_params compares
 
     def use_layout(self, layout) -> None:
         """Switch to an engine's own view of the parameters (e.g. DeepSpeed's partitions once
@@ -113,6 +123,56 @@ class RoutedOptimizer(torch.optim.Optimizer):
         layout.attach(self)
         self.state.clear()
         self._init_state()
+
+    def _follow_params(self) -> None:
+        """Follow a one-to-one swap of the tensors in param_groups after the state was built,
+        as Accelerate's FSDP2 preparation does (fsdp2_switch_optimizer_parameters puts the
+        sharded DTensors in 'params' only; accelerate#3855). Before any step the layout and the
+        (still zero) state are rebuilt for the new tensors; after steps, whole state is cut to
+        the new tensors' local shards, which is exact. Anything else is refused."""
+        if self.layout.name not in ("local", "dtensor"):
+            return  # engine layouts keep their own entries (DeepSpeed narrows param_groups)
+        now, old = [p for g in self.param_groups for p in g["params"]], self._built_for
+        if len(now) == len(old) and all(a is b for a, b in zip(now, old)):
+            return
+        named = self.named_parameters()
+        bad = next((i for i, (a, b) in enumerate(zip(old, now))
+                    if global_shape(a) != global_shape(b)), None)
+        if len(now) != len(old) or bad is not None:
+            where = (f"{named[bad][0]} was {tuple(global_shape(old[bad]))}, is now "
+                     f"{tuple(global_shape(now[bad]))}") if bad is not None else \
+                f"{len(old)} tensors became {len(now)}"
+            raise RuntimeError(
+                f"the tensors in param_groups were replaced by others ({where}): the optimizer "
+                f"follows only a one-to-one swap to tensors of the same global shapes (FSDP2). "
+                f"For DeepSpeed ZeRO's flat partitions call sage_dist.deepspeed.register() "
+                f"before deepspeed.initialize (or use sage_dist.deepspeed.initialize)")
+        if not any(g.get("round_step", 0) for g in self.param_groups):
+            self.use_layout(make_layout(named))
+            return
+        if self.layout.name != "local":
+            raise RuntimeError(f"{named[0][0]}: the optimizer's parameters were swapped after "
+                               f"it stepped on sharded ones; its state cannot be re-cut exactly "
+                               f"(swap before the first step)")
+        old_layout, layout, state = self.layout, make_layout(named), {}
+        rules = [get_rule(g["rule"]) for g in self.param_groups for _ in g["params"]]
+        for (name, p), o, rule in zip(named, old, rules):
+            span = layout.fragments(p, name)[0].span
+            elem = old_layout.elementwise_keys(o, rule)
+            state[p] = {k: v for k, v in self.state[o].items()}
+            for k in elem & set(state[p]):
+                t = layout.new_elementwise(p, state[p][k].dtype)
+                layout.local_flat(t).copy_(state[p][k].reshape(-1)[span.start:span.end])
+                state[p][k] = t
+        self.layout = layout
+        layout.attach(self)
+        self.state.clear()
+        self.state.update(state)
+        self._built_for = now
+
+    def state_dict(self) -> dict:
+        self._follow_params()
+        return super().state_dict()
 
     def state_entries(self):
         """(entry, rule) for every entry that holds state, as the layout lists them."""
@@ -124,6 +184,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
         torch casts floating state to the parameter's dtype, which would round the fp32
         momentum of a bf16 parameter; here each state tensor is only moved to its device.
         """
+        self._follow_params()
         super().load_state_dict(state_dict)
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -154,6 +215,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._follow_params()
         self.layout.reducer.reset_counters()
         runs, batch = [], UpdateBatch()
         for f, rule, group, entry in self._jobs():
@@ -205,6 +267,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
         With by_rule=True also 'by_rule' ({rule: {'elementwise', 'replicated'}}, rules holding
         nothing here left out) and 'by_device' ({device type: bytes}).
         """
+        self._follow_params()
         out = {"elementwise": 0, "replicated": 0}
         rules: dict = {}
         devices: dict = {}
@@ -253,7 +316,10 @@ class RoutedOptimizer(torch.optim.Optimizer):
             runs = next_runs
 
     def _drop_nonfinite(self, runs, answers):
-        bad = [i for i, ans in enumerate(answers) if ans[0].item() > 0]
+        # All the flags at once: one device-to-host read per device, so one synchronisation
+        # per step on a GPU rather than one per parameter (tests/test_gpu_ready.py counts).
+        flags = _read_flags([ans[0] for ans in answers])
+        bad = [i for i, flag in enumerate(flags) if flag > 0]
         if bad and self.nonfinite == "raise":
             names = ", ".join(runs[i][0].name for i in bad)
             raise FloatingPointError(f"non-finite gradient in {names}; nothing was updated "
@@ -282,6 +348,20 @@ def _nonfinite_flag(g: torch.Tensor) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.float32, device=g.device)
     lo, hi = torch.aminmax(g)
     return (~torch.isfinite(torch.stack([lo, hi]))).any().float().reshape(1)
+
+
+def _read_flags(flags: list[torch.Tensor]) -> list[float]:
+    """The values of one-element flag tensors, read with ONE copy to the host per device (so
+    a step synchronises with a GPU once, not once per parameter); in the order given."""
+    out = [0.0] * len(flags)
+    by_device: dict = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    for idx in by_device.values():
+        values = torch.stack([flags[i].reshape(()) for i in idx]).tolist()
+        for i, v in zip(idx, values):
+            out[i] = v
+    return out
 
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

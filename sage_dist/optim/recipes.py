@@ -114,8 +114,6 @@ def _clean(name: str) -> str:
 def _head_rule(recipe: Recipe, head: str, shape) -> str:
     if recipe.name != "sage-hybrid":
         return recipe.routes["head"]
-    if head not in HEAD_CHOICES:
-        raise ValueError(f"head={head!r} is invalid: allowed are {', '.join(HEAD_CHOICES)}")
     if head == "auto":  # the authors' rule: SAGE only for a tall vocabulary head
         R, C = matrix_shape(shape)
         return "sage" if R > 50_000 and R > 10 * C else "sinkhorn"
@@ -142,6 +140,12 @@ def _normalise_overrides(overrides) -> list[tuple[str, dict]]:
 
 def route(model: nn.Module, recipe="sage-hybrid", overrides=None, head: str = "sage"):
     """[(name, param, category, rule, group_key)] for every trainable parameter."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={type(model).__name__} is invalid: allowed is a torch.nn.Module "
+                         f"(route parameter lists with the single-rule classes in "
+                         f"sage_dist.optim instead)")
+    if head not in HEAD_CHOICES:
+        raise ValueError(f"head={head!r} is invalid: allowed are {', '.join(HEAD_CHOICES)}")
     rec = get_recipe(recipe)
     rules = _normalise_overrides(overrides)
     hits = {pattern: 0 for pattern, _ in rules}
