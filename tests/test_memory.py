@@ -63,6 +63,7 @@ def _rel(a, b):
     return abs(a - b) / b if b else float(a != b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_estimate_equals_measurement(measured, case):
     label = case[0]
@@ -95,6 +96,7 @@ def test_acceptance_cases_present():
         {(m, e, s) for m in ("tiny", "60m") for e, s in ENGINES}
 
 
+@pytest.mark.slow
 def test_gather_table_on_rank0(measured):
     table = measured[0]["_table"]
     assert measured[1]["_table"] is None
