@@ -9,8 +9,9 @@ Environment knobs: CUDA_HOME, SAGE_DIST_NO_CUDA=1, TORCH_CUDA_ARCH_LIST (an expl
 used as given), SAGE_DIST_CUDA_ARCHS (torch | visible, default torch: every architecture the
 installed torch is built for, plus any visible GPU none of them runs on, with PTX of the
 newest; visible: only the visible GPUs', a quicker build for this machine; see
-choose_cuda_archs), SAGE_DIST_CPU_ARCH (auto | avx2 | generic, default auto: AVX2 if the
-build machine has it), MAX_JOBS (parallel compile jobs, read by torch's ninja build).
+choose_cuda_archs), SAGE_DIST_CPU_ARCH (auto | native | avx2 | generic, default auto: AVX2 if
+the build machine has it; the hot loops are built for AVX2 and AVX-512 as well and chosen at
+run time, SAGE_DIST_CPU_ISA overriding), MAX_JOBS (parallel compile jobs, read by torch's ninja build).
 
     pip install --no-build-isolation -e .
     python setup.py build_ext --inplace
@@ -177,9 +178,15 @@ def _pip_cuda_include_dirs():
 
 
 def _cpu_arch_flags():
-    """Vector ISA of the CPU kernels: SAGE_DIST_CPU_ARCH=auto (default: AVX2 when the build
-    machine has it, as DeepSpeed builds its CPU ops for the build machine), avx2, or generic
-    (baseline x86-64 / the compiler's default: a build to copy to other machines)."""
+    """Compiler flags of the CPU kernels: OpenMP (the kernels run on torch's intra-op threads,
+    in the libgomp that torch itself loads; without it ATen's parallel_for runs serially in an
+    extension) and the vector ISA of everything but the hot loops.
+
+    SAGE_DIST_CPU_ARCH=auto (default: AVX2 when the build machine has it, as DeepSpeed builds
+    its CPU ops for the build machine), native, avx2, or generic (baseline x86-64 / the
+    compiler's default: a build to copy to other machines). Whatever the choice, the hot loops
+    (csrc/cpu/isa_*.cpp) are also compiled for AVX2 and for AVX-512 and picked at run time for
+    the CPU they run on (SAGE_DIST_CPU_ISA=auto|avx512|avx2|generic overrides at run time)."""
     arch = os.environ.get("SAGE_DIST_CPU_ARCH", "auto")
     if arch not in ("auto", "native", "avx2", "generic"):
         sys.exit(f"sage_dist setup: SAGE_DIST_CPU_ARCH={arch!r} is invalid: "
@@ -190,8 +197,9 @@ def _cpu_arch_flags():
                 arch = "avx2" if " avx2" in f.read() else "generic"
         except OSError:
             arch = "generic"
-    _log(f"CPU kernels built for: {arch} (SAGE_DIST_CPU_ARCH)")
-    return {"native": ["-march=native"], "avx2": ["-mavx2"]}.get(arch, [])
+    _log(f"CPU kernels built for: {arch} (SAGE_DIST_CPU_ARCH); their hot loops also for AVX2 "
+         f"and AVX-512, chosen at run time")
+    return ["-fopenmp"] + {"native": ["-march=native"], "avx2": ["-mavx2"]}.get(arch, [])
 
 
 def _extensions():
@@ -213,11 +221,12 @@ def _extensions():
     else:
         # No FMA contraction: the CPU kernels then round exactly like the PyTorch reference.
         cxx = ["-O3", "-ffp-contract=off"] + _cpu_arch_flags()
+    link = [] if os.name == "nt" else ["-fopenmp"]  # links libgomp (torch's, already loaded)
 
     if not cuda_root:
         _log(f"building CPU-only extension sage_dist._C (CUDA sources skipped: {reason})")
         return [CppExtension("sage_dist._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx})]
+                             extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
     cuda_sources = _sources("csrc/cuda/*.cu")
     include_dirs += _pip_cuda_include_dirs()
@@ -227,7 +236,8 @@ def _extensions():
     # so bitwise agreement with the reference costs nothing measurable.
     nvcc = ["-O3", "--fmad=false", "-lineinfo"]
     return [CUDAExtension("sage_dist._C", sources + cuda_sources, include_dirs=include_dirs,
-                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                          extra_link_args=link)]
 
 
 def _cmdclass():

@@ -136,6 +136,277 @@ def test_sinkhorn_scales_whole_matrix(shape, dtype):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
+def same(a, b):
+    """Bit-for-bit equal values (NaN equal to NaN)."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(
+        ((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def nonfinite_cases(n, dtype, gen):
+    """(name, gradient, flagged): NaN or Inf anywhere, and huge finite values whose squares and
+    sums overflow (the flag must come from the elements, not from the sums)."""
+    base = torch.randn(n, generator=gen)
+    out = [("finite", base.clone(), False)]
+    for name, value, where in [] if n == 0 else [("nan", float("nan"), 0), ("inf", float("inf"), n // 2),
+                               ("-inf", float("-inf"), n - 1), ("-nan", -float("nan"), 3)]:
+        g = base.clone()
+        g[where] = value
+        out.append((name, g, True))
+    big = base.sign() * 3e38
+    out.append(("huge finite", big, False))
+    return [(name, g.to(dtype), flagged) for name, g, flagged in out]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("frag", FRAGMENTS)
+def test_colsum_abs_check(frag, dtype):
+    """The sums of colsum_abs, bit for bit, and the flag of exactly the elements that are NaN
+    or Inf, as the engine's aminmax check (optimizer._nonfinite_flag) flags them."""
+    from sage_dist.optim.optimizer import _nonfinite_flag
+    gen = torch.Generator().manual_seed(11)
+    for name, g, flagged in nonfinite_cases(frag[1] - frag[0], dtype, gen):
+        sums, bad = torch.ops.sage_dist.colsum_abs_check(g, C, frag[0])
+        assert same(sums, torch.ops.sage_dist.colsum_abs(g, C, frag[0])), name
+        assert bad.shape == (1,) and bad.dtype == torch.float32
+        assert bad.item() == float(flagged) == _nonfinite_flag(g.float()).item(), name
+        ref_sums, ref_bad = ops.reference.colsum_abs_check(g, C, frag[0])
+        assert torch.equal(bad, ref_bad), name
+        if name == "finite":
+            torch.testing.assert_close(sums, ref_sums, rtol=1e-6, atol=1e-7)
+
+
+WHOLE_SHAPES = [(R, C), (1, 40), (300, 1), (16, 33), (72, 5)]
+
+
+def whole_matrices(dtype, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k, (rows, cols) in enumerate(WHOLE_SHAPES):
+        g = torch.randn(rows * cols, generator=gen)
+        if rows > 2:
+            g[cols:2 * cols] = 0  # a zero row
+        out.append((rows, cols, g.to(dtype), 1.0 + 0.5 * k, 2.0 - 0.25 * k))
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sinkhorn_scales_multi_equals_one_call_per_matrix(dtype):
+    """Many whole matrices in one call: each matrix's scales bit for bit those of its own
+    sinkhorn_scales call (so of the phase-by-phase path), and its finiteness flag."""
+    mats = whole_matrices(dtype)
+    gen = torch.Generator().manual_seed(8)
+    bad = [g.clone() for _, _, g, _, _ in mats[:2]]
+    bad[0][5] = float("nan")
+    bad[1][-1] = float("-inf")
+    grads = [g for _, _, g, _, _ in mats] + bad
+    shapes = [(r, c) for r, c, *_ in mats] + [(r, c) for r, c, *_ in mats[:2]]
+    rts = [rt for *_, rt, _ in mats] + [1.0, 1.0]
+    cts = [ct for *_, ct in mats] + [1.0, 1.0]
+    rs = [torch.full((r,), 7.0) for r, _ in shapes]
+    cs = [torch.full((c,), 7.0) for _, c in shapes]
+    flags = [torch.full((1,), 5.0) for _ in shapes]
+    torch.ops.sage_dist.sinkhorn_scales_multi_(grads, rs, cs, flags, [r for r, _ in shapes],
+                                               [c for _, c in shapes], rts, cts, 3, 1e-8)
+    for k, (g, (rows, cols)) in enumerate(zip(grads, shapes)):
+        want = torch.ops.sage_dist.sinkhorn_scales(g, rows, cols, 3, 1e-8, rts[k], cts[k])
+        if k < len(mats):
+            assert torch.equal(rs[k], want[0]) and torch.equal(cs[k], want[1]), k
+        assert flags[k].item() == (1.0 if k >= len(mats) else 0.0)
+    del gen
+
+
+@needs_ext
+@pytest.mark.parametrize("pdtype, gdtype", [(torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.float32),
+                                            (torch.float32, torch.bfloat16)])
+def test_sinkhorn_update_multi(pdtype, gdtype):
+    """Scales and update in one call: bit for bit sinkhorn_scales + scaled_update_ for every
+    finite gradient; a parameter whose gradient holds a NaN or an Inf is left as it was and
+    flagged; and within tolerance of the pure-PyTorch reference."""
+    mats = whole_matrices(gdtype, seed=9)
+    grads = [g for _, _, g, _, _ in mats]
+    grads[1] = grads[1].clone()
+    grads[1][3] = float("inf")
+    gen = torch.Generator().manual_seed(10)
+    params = [torch.randn(g.numel(), generator=gen).to(pdtype) for g in grads]
+    Rs, Cs = [r for r, *_ in mats], [c for _, c, *_ in mats]
+    rts, cts = [m[3] for m in mats], [m[4] for m in mats]
+    hp = (0.03, 0.1, 0.25)
+    got = [p.clone() for p in params]
+    flags = [torch.full((1,), 5.0) for _ in params]
+    torch.ops.sage_dist.sinkhorn_update_multi_(got, grads, flags, Rs, Cs, rts, cts, 4, 1e-8, *hp)
+    ref = [p.clone() for p in params]
+    ref_flags = [torch.zeros(1) for _ in params]
+    ops.reference.sinkhorn_update_multi_(ref, grads, ref_flags, Rs, Cs, rts, cts, 4, 1e-8, *hp)
+    for k, (p, g) in enumerate(zip(params, grads)):
+        assert flags[k].item() == ref_flags[k].item() == (1.0 if k == 1 else 0.0)
+        if k == 1:
+            assert torch.equal(got[k], p)
+            continue
+        want, want_ref = p.clone(), p.clone()
+        r, c = torch.ops.sage_dist.sinkhorn_scales(g, Rs[k], Cs[k], 4, 1e-8, rts[k], cts[k])
+        torch.ops.sage_dist.scaled_update_(want, g, r, c, Cs[k], 0, *hp)
+        assert torch.equal(got[k], want), k
+        # the reference's update with these scales (the scales themselves: within 1e-6 of the
+        # reference's, test_sinkhorn_scales_whole_matrix; a 1e-7 difference in a scale can
+        # exceed 1e-6 relative in an updated element that nearly cancels)
+        ops.reference.scaled_update_(want_ref, g, r, c, Cs[k], 0, *hp)
+        assert_close(got[k], want_ref)
+        r_ref, c_ref = ops.reference.sinkhorn_scales(g, Rs[k], Cs[k], 4, 1e-8, rts[k], cts[k])
+        torch.testing.assert_close(r, r_ref, rtol=1e-6, atol=0)
+        torch.testing.assert_close(c, c_ref, rtol=1e-6, atol=0)
+
+
+@needs_ext
+def test_whole_sinkhorn_threads_and_large_matrices():
+    """Results do not depend on the thread count, nor on whether a matrix's sweeps are done
+    by one thread or spread over the threads (a large matrix), nor on its neighbours."""
+    gen = torch.Generator().manual_seed(12)
+    big = torch.randn(700 * 530, generator=gen)  # above the one-thread size of sinkhorn_scales
+    small = torch.randn(40 * 33, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        out = {}
+        for n in sorted({1, 2, threads}):
+            torch.set_num_threads(n)
+            single = torch.ops.sage_dist.sinkhorn_scales(big, 700, 530, 3, 1e-8, 1.0, 1.0)
+            rs, cs = [torch.empty(700), torch.empty(40)], [torch.empty(530), torch.empty(33)]
+            torch.ops.sage_dist.sinkhorn_scales_multi_(
+                [big, small], rs, cs, [torch.zeros(1), torch.zeros(1)], [700, 40], [530, 33],
+                [1.0, 1.0], [1.0, 1.0], 3, 1e-8)
+            sums = (torch.ops.sage_dist.colsum_abs(big, 530, 0),
+                    torch.ops.sage_dist.sq_sums(big, single[0], None, 700, 530, 0, 0),
+                    torch.ops.sage_dist.sq_sums(big, None, single[1], 700, 530, 0, 1))
+            out[n] = (*single, rs[0], cs[0], *sums)
+        first = out[min(out)]
+        for n, got in out.items():
+            for a, b in zip(got, first):
+                assert torch.equal(a, b), n
+            assert torch.equal(got[0], got[2]) and torch.equal(got[1], got[3])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_every_op(dtype):
+    """Every op with a vector-ISA path, on mid-row fragments and whole matrices."""
+    out = []
+    for k, frag in enumerate(FRAGMENTS[:5]):
+        t = inputs(*frag, dtype, seed=20 + k)
+        start = frag[0]
+        out += list(torch.ops.sage_dist.colsum_abs_check(t["grad"], C, start))
+        for r, c in [(t["r"], t["c"]), (None, t["c"]), (t["r"], None), (None, None)]:
+            for dim in (0, 1):
+                out.append(torch.ops.sage_dist.sq_sums(t["grad"], r, c, R, C, start, dim))
+        out.append(torch.ops.sage_dist.sq_sums(t["grad"], t["r"], None, R, C, start, 1,
+                                               t["m"], 0.8))
+        p, m = t["param"].clone(), t["m"].clone()
+        torch.ops.sage_dist.sage_update_(p, m, t["grad"], t["h"], C, start, *SAGE_HP.values(),
+                                         k % 2 == 0)
+        q = t["param"].clone()
+        torch.ops.sage_dist.scaled_update_(q, t["grad"], t["r"], t["c"], C, start, 0.03, 0.1,
+                                           0.3)
+        out += [p, m, q]
+    mats = whole_matrices(dtype, seed=30)
+    for rows, cols, g, rt, ct in mats:
+        out += list(torch.ops.sage_dist.sinkhorn_scales(g, rows, cols, 3, 1e-8, rt, ct))
+    params = [torch.randn(g.numel()).to(dtype) for _, _, g, _, _ in mats]
+    torch.ops.sage_dist.sinkhorn_update_multi_(
+        params, [g for _, _, g, _, _ in mats], [torch.zeros(1) for _ in mats],
+        [m[0] for m in mats], [m[1] for m in mats], [m[3] for m in mats], [m[4] for m in mats],
+        3, 1e-8, 0.03, 0.1, 0.3)
+    return out + params
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_cpu_isa_gives_the_same_numbers(dtype):
+    """The hot loops are compiled for AVX-512, AVX2 and the base ISA and chosen at run time
+    (csrc/cpu/isa.h): every set this CPU supports gives the same results bit for bit."""
+    isas = []
+    for isa in ops.CPU_ISAS:
+        try:
+            ops.set_cpu_isa(isa)
+            isas.append(isa)
+        except ValueError:
+            pass
+    ops.set_cpu_isa("auto")
+    print(f"CPU ISAs compared: {isas} (auto: {ops.cpu_isa()})")
+    assert "generic" in isas
+    results = {}
+    try:
+        for isa in isas:
+            ops.set_cpu_isa(isa)
+            torch.manual_seed(0)
+            results[isa] = run_every_op(dtype)
+    finally:
+        ops.set_cpu_isa("auto")
+    for isa in isas[1:]:
+        for k, (a, b) in enumerate(zip(results[isa], results[isas[0]])):
+            assert torch.equal(a, b), f"{isa} vs {isas[0]}: result {k}"
+
+
+@needs_ext
+def test_cpu_isa_choice():
+    """auto takes the widest the CPU has; the environment variable asks for another."""
+    import subprocess
+    import sys
+    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
+    want = "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "generic"
+    if sys.platform.startswith("linux") and platform_is_x86():
+        assert ops.cpu_isa() == want or os_env_isa()
+    code = "from sage_dist import ops; print(ops.cpu_isa())"
+    env = {**__import__("os").environ, "SAGE_DIST_CPU_ISA": "generic"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "generic"
+    with pytest.raises(ValueError, match="not available"):
+        ops.set_cpu_isa("sse9")
+    assert ops.cpu_isa() in ops.CPU_ISAS
+
+
+def platform_is_x86():
+    import platform
+    return platform.machine() in ("x86_64", "AMD64")
+
+
+def os_env_isa():
+    import os
+    return os.environ.get("SAGE_DIST_CPU_ISA", "auto") != "auto"
+
+
+@needs_ext
+@pytest.mark.parametrize("recipe", ["sage-hybrid", "sinkgd-hybrid"])
+def test_engine_flags_exactly_the_nonfinite_gradients(recipe):
+    """The rules' own checks (colsum_abs_check, the whole-matrix Sinkhorn) flag the same
+    gradients as the engine's aminmax check: NaN or Inf anywhere, never huge finite values."""
+    from torch import nn
+    from sage_dist import build_optimizer
+    torch.manual_seed(0)
+    model = nn.ModuleDict(dict(embed=nn.Embedding(50, 16), a=nn.Linear(16, 24),
+                               b=nn.Linear(24, 16, bias=False), head=nn.Linear(16, 50,
+                                                                               bias=False)))
+    opt = build_optimizer(model, recipe)
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    for bad in [[], [0], [1], [3], [0, 4], [2, 3]]:
+        for k, p in enumerate(params):
+            g = torch.randn(p.numel(), generator=gen)
+            if k in bad:
+                g[k % g.numel()] = float("nan") if k % 2 else float("inf")
+            elif k % 2:
+                g = g.sign() * 3e38  # huge but finite: statistics overflow, no flag
+            p.grad = g.reshape(p.shape)
+        before = [p.detach().clone() for p in params]
+        count = opt.nonfinite_count
+        opt.step()
+        assert opt.nonfinite_count - count == len(bad), bad
+        for k, (p, b) in enumerate(zip(params, before)):
+            if k in bad:
+                assert same(p.detach(), b), (bad, k)
+
+
 def test_sq_sums_reference_by_hand():
     # [2, 3] matrix, fragment [1, 5): elements g = (1, 2, 3, 4) at (0,1) (0,2) (1,0) (1,1).
     g = torch.tensor([1.0, 2.0, 3.0, 4.0])
@@ -277,11 +548,16 @@ def test_multi_lists_of_different_lengths_rejected(impl):
 
 
 @needs_ext
-@pytest.mark.parametrize("recipe, op, calls", [
-    ("sage-hybrid", "scaled_update_multi_", [3]),  # a, b and head (Sinkhorn), one call
-    ("sage-hybrid", "sage_update_multi_", [1]),    # the embedding
-    ("scale", "scaled_update_multi_", [4])])       # embedding and dense rules share lr, wd
-def test_engine_batches_the_updates_of_a_phase(monkeypatch, recipe, op, calls):
+@pytest.mark.parametrize("recipe, op, calls, kw", [
+    # a, b and head (Sinkhorn, whole matrices): scales and updates in one call
+    ("sage-hybrid", "sinkhorn_update_multi_", [3], {}),
+    # with nonfinite='raise' no parameter may change before every flag is known: the scales
+    # in one call, the updates in another, one phase later
+    ("sage-hybrid", "sinkhorn_scales_multi_", [3], dict(nonfinite="raise")),
+    ("sage-hybrid", "scaled_update_multi_", [3], dict(nonfinite="raise")),
+    ("sage-hybrid", "sage_update_multi_", [1], {}),    # the embedding
+    ("scale", "scaled_update_multi_", [4], {})])       # embedding and dense rules share lr, wd
+def test_engine_batches_the_updates_of_a_phase(monkeypatch, recipe, op, calls, kw):
     """The engine issues one multi-tensor call per op and hyperparameter set in a phase."""
     from torch import nn
     from sage_dist import build_optimizer
@@ -292,7 +568,7 @@ def test_engine_batches_the_updates_of_a_phase(monkeypatch, recipe, op, calls):
     seen = []
     real = getattr(ops, op)
     monkeypatch.setattr(ops, op, lambda *a: (seen.append(len(a[0])), real(*a))[1])
-    opt = build_optimizer(model, recipe)
+    opt = build_optimizer(model, recipe, **kw)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()
@@ -338,6 +614,15 @@ def opcheck_cases():
     yield "sinkhorn_scales", (inputs(0, R * C, torch.float32)["grad"], R, C, 2, 1e-8, 1.0, 1.0)
     yield "sinkhorn_scales", (inputs(0, R * C, torch.bfloat16)["grad"], R, C, 1, 1e-8, 2.0, 0.5)
     yield "round_bf16_", (torch.empty(120, dtype=torch.bfloat16), t["grad"][:120].clone(), 7, 45)
+    yield "colsum_abs_check", (t["grad"], C, 45)
+    yield "colsum_abs_check", (tb["grad"], C, 70)
+    w = [inputs(0, R * C, torch.float32)["grad"], inputs(0, 40, torch.bfloat16, seed=2)["grad"]]
+    yield "sinkhorn_scales_multi_", (w, [torch.empty(R), torch.empty(8)],
+                                     [torch.empty(C), torch.empty(5)], [torch.zeros(1)] * 2,
+                                     [R, 8], [C, 5], [1.0, 2.0], [1.0, 0.5], 2, 1e-8)
+    yield "sinkhorn_update_multi_", ([w[0].clone() * 2, w[1].float().clone()], w,
+                                     [torch.zeros(1), torch.zeros(1)], [R, 8], [C, 5],
+                                     [1.0, 2.0], [1.0, 0.5], 2, 1e-8, 0.01, 0.1, 0.1)
 
 
 @needs_ext

@@ -1,269 +1,207 @@
-// CPU kernels of the fragment ops: sage_dist::colsum_abs, sq_sums, sage_update_,
-// scaled_update_, momentum_scaled_update_ (math: csrc/include/sage_dist/elementwise.h).
+// CPU kernels of the fragment ops: sage_dist::colsum_abs, colsum_abs_check, sq_sums,
+// sage_update_, scaled_update_, momentum_scaled_update_, sinkhorn_rescale, sinkhorn_scales,
+// sinkhorn_scales_multi_, sinkhorn_update_multi_ and the multi-tensor updates
+// (math: csrc/include/sage_dist/elementwise.h).
 //
 // A fragment [start, start + n) of a global [R, C] matrix is walked row by row (a partial
-// first row, whole rows, a partial last row); rows are split across threads with
-// at::parallel_for. The updates are plain per-element loops over the shared math, which the
-// compiler vectorises (with -mavx2 when setup.py builds for an AVX2 machine); row sums of
-// squares use 8-lane AVX2 vectors explicitly when available. Statistics are accumulated in
-// double and rounded once, so they agree with torch's fp32 sums to well within 1e-6
-// relative whatever the summation order.
+// first row, whole rows, a partial last row). The hot loops are in csrc/cpu/kernels_impl.h,
+// compiled per vector ISA and chosen at run time (csrc/cpu/isa.h); this file cuts the work
+// into tasks and runs them on torch's intra-op threads, ONE parallel region per call, each
+// thread taking the next task from a shared counter (a thread that the OS deschedules on a
+// busy machine then delays only its current task, not a fixed half of the work).
+//
+// Sums do not depend on how tasks land on threads: column sums are cut into fixed chunks of
+// rows whose double partials are added in chunk order, row sums are per row (isa.h). So the
+// results are the same for any thread count and any ISA, and the whole-matrix Sinkhorn
+// (one sweep per iteration) gets bit for bit the numbers of the phase-by-phase sq_sums path.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <numeric>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "isa.h"
 #include "sage_dist/checks.h"
 #include "sage_dist/elementwise.h"
 #include "sage_dist/fragment_checks.h"
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 namespace sage_dist {
 namespace {
 
-#if defined(__AVX2__)
-// Eight fp32 lanes with just the arithmetic the elementwise templates use, so the vector
-// loops below run the header's math unchanged. Every operation is one IEEE-rounded
-// instruction (no FMA), as in the scalar code.
-struct F8 {
-  __m256 v;
-  F8(__m256 x) : v(x) {}
-  explicit F8(float x) : v(_mm256_set1_ps(x)) {}
-  static F8 load(const float* p) { return F8(_mm256_loadu_ps(p)); }
-  friend F8 operator*(F8 a, F8 b) { return F8(_mm256_mul_ps(a.v, b.v)); }
-  friend F8 operator+(F8 a, F8 b) { return F8(_mm256_add_ps(a.v, b.v)); }
-};
-#endif
-
-// What a statistic squares (before the scales r, c): the gradient itself, or SCALE's head
-// momentum beta m + (1 - beta) g formed in registers. at(j) is element j as fp32; vec(j)
-// (AVX2 builds, fp32 storage only) elements j..j+7.
-template <typename G>
-struct GradSource {
-  const G* g;
-  float at(int64_t j) const { return static_cast<float>(g[j]); }
-  GradSource at_offset(int64_t off) const { return {g + off}; }
-#if defined(__AVX2__)
-  F8 vec(int64_t j) const { return F8::load(g + j); }
-#endif
-};
-
-template <typename G>
-struct MomentumSource {
-  const float* m;
-  const G* g;
-  elementwise::MomentumCoeffs k;
-  float at(int64_t j) const { return elementwise::momentum(m[j], static_cast<float>(g[j]), k); }
-  MomentumSource at_offset(int64_t off) const { return {m + off, g + off, k}; }
-#if defined(__AVX2__)
-  F8 vec(int64_t j) const { return elementwise::momentum(F8::load(m + j), F8::load(g + j), k); }
-#endif
-};
-constexpr int64_t kGrainSize = 32768;  // elements per parallel task, as ATen's own kernels
 constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
-
-// Calls f(row, col_begin, col_end, offset_in_fragment) for every row the fragment touches;
-// rows are split across threads, each row is visited by exactly one thread.
-template <typename F>
-void for_each_row(int64_t n, int64_t C, int64_t start, const F& f) {
-  if (n == 0) return;
-  const int64_t first = start / C, last = (start + n - 1) / C;
-  const int64_t grain = std::max<int64_t>(1, kGrainSize / C);
-  at::parallel_for(first, last + 1, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const int64_t a = std::max(start, i * C), b = std::min(start + n, (i + 1) * C);
-      f(i, a - i * C, b - i * C, a - start);
-    }
-  });
-}
+constexpr int64_t kTaskElems = 65536;  // elements per task of the element-wise updates
 
 const float* opt_ptr(const std::optional<at::Tensor>& t) {
   return t ? t->const_data_ptr<float>() : nullptr;
 }
 
-// Column sums over the fragment into out[C]. add_row(acc, i, c0, len, off) adds the terms
-// of row i, columns [c0, c0 + len), which sit at offset `off` of the fragment, into the fp32
-// acc[0, len). Each thread sums kBlockRows rows per column in fp32 (all terms here are >= 0,
-// so that partial sum is within (kBlockRows - 1) fp32 roundings, under 5e-7 relative), then
-// adds it to a double accumulator; the threads' doubles are combined in thread order.
-constexpr int kBlockRows = 8;
-
-template <typename AddRow>
-void column_sums(int64_t n, int64_t C, int64_t start, float* out, const AddRow& add_row) {
-  const int threads = at::get_num_threads();
-  std::vector<double> acc(static_cast<size_t>(threads) * C, 0.0);
-  std::vector<float> part(static_cast<size_t>(threads) * C, 0.f);
-  std::vector<int64_t> rows_in_part(static_cast<size_t>(threads) * 16, 0);  // 128 B apart
-  auto flush = [&](int t) {
-    double* a = acc.data() + static_cast<int64_t>(t) * C;
-    float* f = part.data() + static_cast<int64_t>(t) * C;
-    for (int64_t j = 0; j < C; ++j) {
-      a[j] += static_cast<double>(f[j]);
-      f[j] = 0.f;
-    }
-  };
-  for_each_row(n, C, start, [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
-    const int t = at::get_thread_num();
-    add_row(part.data() + static_cast<int64_t>(t) * C + c0, i, c0, c1 - c0, off);
-    if (++rows_in_part[16 * t] == kBlockRows) {
-      flush(t);
-      rows_in_part[16 * t] = 0;
-    }
-  });
-  for (int t = 0; t < threads; ++t) flush(t);
-  for (int64_t j = 0; j < C; ++j) {
-    double s = 0.0;
-    for (int t = 0; t < threads; ++t) s += acc[static_cast<size_t>(t) * C + j];
-    out[j] = static_cast<float>(s);
+// Runs f(task, slot) for task in [0, ntasks) on up to `threads` intra-op threads (one
+// parallel region), each thread taking the next task; `slot` < threads is unique among the
+// tasks running at one time (for per-thread scratch).
+template <typename F>
+void parallel_tasks_on(int threads, int64_t ntasks, const F& f) {
+  if (ntasks <= 0) return;
+  if (threads <= 1 || ntasks == 1) {
+    for (int64_t k = 0; k < ntasks; ++k) f(k, 0);
+    return;
   }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t k; (k = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;)
+        f(k, static_cast<int>(s));
+  });
 }
 
-// ---------------------------------------------------------------------------
-at::Tensor colsum_abs_cpu(const at::Tensor& grad, int64_t C, int64_t start) {
-  check_colsum_abs_args(grad, C, start, kCPU);
-  at::Tensor out = at::zeros({C}, grad.options().dtype(at::kFloat));
-  dispatch_float_or_bfloat16(grad.scalar_type(), "sage_dist::colsum_abs", "grad", [&](auto tag) {
-    using G = decltype(tag);
-    const G* g = grad.const_data_ptr<G>();
-    column_sums(grad.numel(), C, start, out.data_ptr<float>(),
-                [g](float* a, int64_t, int64_t, int64_t len, int64_t off) {
-                  const G* row = g + off;
-                  for (int64_t j = 0; j < len; ++j) a[j] += std::fabs(static_cast<float>(row[j]));
-                });
+// Threads for `ntasks` tasks of `work` element-passes in all: at least kMinWork each (a
+// parallel region costs microseconds on a quiet machine, and can cost a scheduler time slice on
+// a busy one, waiting for a thread that is not running).
+constexpr int64_t kMinWork = int64_t{1} << 17;
+
+int threads_for(int64_t ntasks, int64_t work) {
+  if (at::in_parallel_region()) return 1;
+  const int64_t by_work = std::max<int64_t>(1, work / kMinWork);
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min({int64_t{at::get_num_threads()}, ntasks, by_work})));
+}
+
+template <typename F>
+void parallel_tasks(int64_t ntasks, int64_t work, const F& f) {
+  parallel_tasks_on(threads_for(ntasks, work), ntasks, f);
+}
+
+struct RowRange {
+  int64_t first, last;  // global rows the fragment touches (last inclusive); first > last: none
+};
+RowRange rows_of(int64_t n, int64_t C, int64_t start) {
+  if (n == 0) return {0, -1};
+  return {start / C, (start + n - 1) / C};
+}
+
+// Column sums over a fragment's rows in canonical chunks (isa.h): chunk(i0, i1, acc32, out64,
+// slot) adds chunk [i0, i1)'s partials into out64 (zeroed); the partials are added in chunk
+// order into out[C].
+template <typename Chunk>
+void chunked_column_sums(int64_t n, int64_t C, int64_t start, float* out, const Chunk& chunk) {
+  const RowRange rr = rows_of(n, C, start);
+  std::fill(out, out + C, 0.f);
+  if (rr.first > rr.last) return;
+  const int64_t K = cpu::rows_per_chunk(C);
+  const int64_t chunks = (rr.last - rr.first + K) / K;
+  const int threads = threads_for(chunks, n);
+  std::vector<double> part(static_cast<size_t>(chunks * C), 0.0);
+  std::vector<float> acc(static_cast<size_t>(threads * C));
+  parallel_tasks_on(threads, chunks, [&](int64_t k, int slot) {
+    const int64_t i0 = rr.first + k * K, i1 = std::min(rr.last + 1, i0 + K);
+    chunk(i0, i1, acc.data() + slot * C, part.data() + k * C, slot);
   });
+  std::vector<double> total(part.begin(), part.begin() + C);
+  for (int64_t k = 1; k < chunks; ++k)
+    for (int64_t j = 0; j < C; ++j) total[j] += part[k * C + j];
+  for (int64_t j = 0; j < C; ++j) out[j] = static_cast<float>(total[j]);
+}
+
+// Per-thread maxima of |bits|, 64 bytes apart.
+struct BitsPerThread {
+  std::vector<uint32_t> v;
+  explicit BitsPerThread(int threads) : v(static_cast<size_t>(threads) * 16, 0u) {}
+  uint32_t* at(int slot) { return v.data() + 16 * slot; }
+  bool nonfinite() const {
+    return std::any_of(v.begin(), v.end(), [](uint32_t b) { return b >= cpu::kNonfiniteBits; });
+  }
+};
+
+// ---------------------------------------------------------------------------
+at::Tensor colsum_abs_into(const at::Tensor& grad, int64_t C, int64_t start, bool* nonfinite) {
+  at::Tensor out = at::empty({C}, grad.options().dtype(at::kFloat));
+  const cpu::Kernels& kern = cpu::kernels();
+  const bool bf16 = grad.scalar_type() == at::kBFloat16;
+  const void* g = grad.const_data_ptr();
+  const int64_t n = grad.numel();
+  BitsPerThread bits(std::max(1, at::get_num_threads()));
+  chunked_column_sums(n, C, start, out.data_ptr<float>(),
+                      [&](int64_t i0, int64_t i1, float* acc32, double* out64, int slot) {
+                        kern.colsum_abs_chunk(g, bf16, n, C, start, i0, i1, acc32, out64,
+                                              nonfinite ? bits.at(slot) : nullptr);
+                      });
+  if (nonfinite) *nonfinite = bits.nonfinite();
   return out;
 }
 
+at::Tensor colsum_abs_cpu(const at::Tensor& grad, int64_t C, int64_t start) {
+  check_colsum_abs_args(grad, C, start, kCPU);
+  return colsum_abs_into(grad, C, start, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> colsum_abs_check_cpu(const at::Tensor& grad, int64_t C,
+                                                        int64_t start) {
+  check_colsum_abs_args(grad, C, start, kCPU, "sage_dist::colsum_abs_check");
+  bool bad = false;
+  at::Tensor sums = colsum_abs_into(grad, C, start, &bad);
+  return {sums, at::full({1}, bad ? 1.0 : 0.0, grad.options().dtype(at::kFloat))};
+}
+
 // ---------------------------------------------------------------------------
-// sq_sums: sums of (g r c)^2 along rows (dim 1) or columns (dim 0).
-//
-// Each square is formed in fp32 by elementwise::scaled_square, then widened to double and
-// added. The loops keep kLanes independent double accumulators (a row sum) or one per
-// column (a column sum), so the compiler vectorises them without reassociating any sum:
-// every accumulator adds its terms in index order, and the lanes are combined in a fixed
-// order at the end.
-constexpr int kLanes = 8;
-
-template <typename G, typename Src>
-double row_square_sum(const Src& x, const float* c, float ri, int64_t len) {
-  double acc[kLanes] = {};
-  int64_t j = 0;
-#if defined(__AVX2__)
-  if constexpr (std::is_same_v<G, float>) {
-    // Two fp32 vectors take kBlockRows terms per lane (lane l of vector h: the terms j with
-    // j % 16 == 8h + l, in order), then move into four double vectors; the tail below adds
-    // to lane 0. As in the column sums, a lane's fp32 part is within 7 roundings.
-    __m256d a[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(),
-                    _mm256_setzero_pd()};
-    __m256 f[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    const F8 rv(ri), one(1.f);
-    int terms = 0;
-    auto flush = [&] {
-      for (int h = 0; h < 2; ++h) {
-        a[2 * h] = _mm256_add_pd(a[2 * h], _mm256_cvtps_pd(_mm256_castps256_ps128(f[h])));
-        a[2 * h + 1] = _mm256_add_pd(a[2 * h + 1], _mm256_cvtps_pd(_mm256_extractf128_ps(f[h], 1)));
-        f[h] = _mm256_setzero_ps();
-      }
-      terms = 0;
-    };
-    for (; j + 16 <= len; j += 16) {
-      for (int h = 0; h < 2; ++h) {
-        const F8 sq = elementwise::scaled_square(x.vec(j + 8 * h), rv,
-                                                 c ? F8::load(c + j + 8 * h) : one);
-        f[h] = _mm256_add_ps(f[h], sq.v);
-      }
-      if (++terms == kBlockRows) flush();
-    }
-    flush();
-    double lanes[16];
-    for (int h = 0; h < 4; ++h) _mm256_storeu_pd(lanes + 4 * h, a[h]);
-    for (int l = 0; l < 16; ++l) acc[l % kLanes] += lanes[l];
-  }
-#endif
-  for (; j + kLanes <= len; j += kLanes)
-    for (int l = 0; l < kLanes; ++l)
-      acc[l] += static_cast<double>(
-          elementwise::scaled_square(x.at(j + l), ri, c ? c[j + l] : 1.f));
-  for (; j < len; ++j)
-    acc[0] += static_cast<double>(elementwise::scaled_square(x.at(j), ri, c ? c[j] : 1.f));
-  double s = 0.0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
-}
-
-template <typename Src>
-void add_column_squares(float* acc, const Src& x, const float* c, float ri, int64_t len) {
-  if (c) {
-    for (int64_t j = 0; j < len; ++j) acc[j] += elementwise::scaled_square(x.at(j), ri, c[j]);
-  } else {
-    for (int64_t j = 0; j < len; ++j) acc[j] += elementwise::scaled_square(x.at(j), ri, 1.f);
-  }
-}
-
-// Row sums (dim 1, length R) or column sums (dim 0, length C) of (x r c)^2 over the
-// fragment [start, start + n) of an [R, C] matrix; r, c may be null (all ones).
-template <typename G, typename Src>
-void square_sums(const Src& x, const float* r, const float* c, int64_t n, int64_t C,
-                 int64_t start, int64_t dim, float* out) {
-  if (dim == 1) {
-    for_each_row(n, C, start, [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
-      out[i] = static_cast<float>(row_square_sum<G>(x.at_offset(off), c ? c + c0 : nullptr,
-                                                    r ? r[i] : 1.f, c1 - c0));
-    });
-    return;
-  }
-  column_sums(n, C, start, out, [&](float* a, int64_t i, int64_t c0, int64_t len, int64_t off) {
-    add_column_squares(a, x.at_offset(off), c ? c + c0 : nullptr, r ? r[i] : 1.f, len);
-  });
-}
-
 at::Tensor sq_sums_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& r,
                        const std::optional<at::Tensor>& c, int64_t R, int64_t C, int64_t start,
                        int64_t dim, const std::optional<at::Tensor>& m, double beta) {
   check_sq_sums_args(grad, r, c, R, C, start, dim, m, kCPU);
-  at::Tensor out = at::zeros({dim == 1 ? R : C}, grad.options().dtype(at::kFloat));
-  dispatch_float_or_bfloat16(grad.scalar_type(), "sage_dist::sq_sums", "grad", [&](auto tag) {
-    using G = decltype(tag);
-    const G* g = grad.const_data_ptr<G>();
-    const int64_t n = grad.numel();
+  const cpu::Kernels& kern = cpu::kernels();
+  const cpu::SqArgs a{grad.const_data_ptr(), grad.scalar_type() == at::kBFloat16,
+                      m ? m->const_data_ptr<float>() : nullptr, beta, opt_ptr(r), opt_ptr(c),
+                      grad.numel(), C, start};
+  if (dim == 1) {
+    at::Tensor out = at::zeros({R}, grad.options().dtype(at::kFloat));
     float* o = out.data_ptr<float>();
-    if (m) {
-      const MomentumSource<G> x{m->const_data_ptr<float>(), g,
-                                elementwise::make_momentum_coeffs(beta)};
-      square_sums<G>(x, opt_ptr(r), opt_ptr(c), n, C, start, dim, o);
-    } else {
-      square_sums<G>(GradSource<G>{g}, opt_ptr(r), opt_ptr(c), n, C, start, dim, o);
-    }
-  });
+    const RowRange rr = rows_of(a.n, C, start);
+    const int64_t per = std::max<int64_t>(1, kTaskElems / C);
+    const int64_t tasks = rr.first > rr.last ? 0 : (rr.last - rr.first + per) / per;
+    parallel_tasks(tasks, a.n, [&](int64_t k, int) {
+      const int64_t i0 = rr.first + k * per;
+      kern.sq_rows(a, i0, std::min(rr.last + 1, i0 + per), o);
+    });
+    return out;
+  }
+  at::Tensor out = at::empty({C}, grad.options().dtype(at::kFloat));
+  chunked_column_sums(a.n, C, start, out.data_ptr<float>(),
+                      [&](int64_t i0, int64_t i1, float* acc32, double* out64, int) {
+                        kern.sq_cols_chunk(a, i0, i1, acc32, out64);
+                      });
   return out;
 }
 
 // ---------------------------------------------------------------------------
+// Element-wise updates on rows [i0, i1) of a fragment: the ISA's loops for fp32 storage, the
+// base build's for bf16 parameters or gradients.
+template <typename F>
+void for_rows(int64_t n, int64_t C, int64_t start, int64_t i0, int64_t i1, const F& f) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t a = std::max(start, i * C), b = std::min(start + n, (i + 1) * C);
+    f(i, a - i * C, b - i * C, a - start);
+  }
+}
+
 template <typename P, typename G>
-void sage_rows(P* param, float* m, const G* grad, const float* h, int64_t n, int64_t C,
-               int64_t start, const elementwise::SageCoeffs& k) {
-  for_each_row(n, C, start, [&](int64_t, int64_t c0, int64_t c1, int64_t off) {
+void sage_rows_any(P* param, float* m, const G* grad, const float* h, int64_t n, int64_t C,
+                   int64_t start, int64_t i0, int64_t i1, const elementwise::SageCoeffs& k) {
+  for_rows(n, C, start, i0, i1, [&](int64_t, int64_t c0, int64_t c1, int64_t off) {
     P* pp = param + off;
     float* mm = m + off;
     const G* gg = grad + off;
     const float* hh = h + c0;
-    const int64_t len = c1 - c0;
-    // A plain loop: the compiler vectorises it, sign as two compares. (ATen's portable
-    // at::vec::Vectorized, which extensions get, was measured 5x slower here.)
-    int64_t j = 0;
-    for (; j < len; ++j) {
+    for (int64_t j = 0; j < c1 - c0; ++j) {
       float p = static_cast<float>(pp[j]);
       elementwise::sage_update(p, mm[j], static_cast<float>(gg[j]), hh[j], k);
       pp[j] = static_cast<P>(p);
@@ -271,39 +209,105 @@ void sage_rows(P* param, float* m, const G* grad, const float* h, int64_t n, int
   });
 }
 
+template <typename P, typename G>
+void scaled_rows_any(P* param, const G* grad, const float* r, const float* c, int64_t n,
+                     int64_t C, int64_t start, int64_t i0, int64_t i1,
+                     const elementwise::ScaledCoeffs& k) {
+  for_rows(n, C, start, i0, i1, [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
+    P* pp = param + off;
+    const G* gg = grad + off;
+    const float ri = r ? r[i] : 1.f;
+    for (int64_t j = 0; j < c1 - c0; ++j)
+      pp[j] = static_cast<P>(elementwise::scaled_update(
+          static_cast<float>(pp[j]), static_cast<float>(gg[j]), ri, c ? c[c0 + j] : 1.f, k));
+  });
+}
+
+// One task of a (multi-)fragment update: elements [e0, e1) of fragment `t`, itself a
+// fragment (starting at start + e0), so tasks need not follow rows.
+struct Task {
+  size_t t;
+  int64_t e0, e1;
+};
+
+int64_t total_numel(at::TensorList ts) {
+  int64_t n = 0;
+  for (const at::Tensor& t : ts) n += t.numel();
+  return n;
+}
+
+template <typename Numel>
+std::vector<Task> update_tasks(size_t count, const Numel& numel) {
+  std::vector<Task> tasks;
+  for (size_t t = 0; t < count; ++t)
+    for (int64_t e = 0, n = numel(t); e < n; e += kTaskElems)
+      tasks.push_back({t, e, std::min(n, e + kTaskElems)});
+  return tasks;
+}
+
+void sage_task(const at::Tensor& param, const at::Tensor& m, const at::Tensor& grad,
+               const at::Tensor& h, int64_t C, int64_t start, int64_t e0, int64_t e1, double lr,
+               double beta1, double beta2, double wd, bool momentum_first) {
+  const int64_t n = e1 - e0, s = start + e0;
+  const RowRange rr = rows_of(n, C, s);
+  if (param.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat) {
+    cpu::kernels().sage_rows(param.data_ptr<float>() + e0, m.data_ptr<float>() + e0,
+                             grad.const_data_ptr<float>() + e0, h.const_data_ptr<float>(), n, C,
+                             s, rr.first, rr.last + 1, lr, beta1, beta2, wd, momentum_first);
+    return;
+  }
+  const auto k = elementwise::make_sage_coeffs(lr, beta1, beta2, wd, momentum_first);
+  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), "sage_dist::sage_update_",
+                          [&](auto p_tag, auto g_tag) {
+    using P = decltype(p_tag);
+    using G = decltype(g_tag);
+    sage_rows_any<P, G>(param.data_ptr<P>() + e0, m.data_ptr<float>() + e0,
+                        grad.const_data_ptr<G>() + e0, h.const_data_ptr<float>(), n, C, s,
+                        rr.first, rr.last + 1, k);
+  });
+}
+
+void scaled_task(const at::Tensor& param, const at::Tensor& grad, const float* r,
+                 const float* c, int64_t C, int64_t start, int64_t e0, int64_t e1, double lr,
+                 double wd, double step) {
+  const int64_t n = e1 - e0, s = start + e0;
+  const RowRange rr = rows_of(n, C, s);
+  if (param.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat) {
+    cpu::kernels().scaled_rows(param.data_ptr<float>() + e0, grad.const_data_ptr<float>() + e0,
+                               r, c, n, C, s, rr.first, rr.last + 1, lr, wd, step);
+    return;
+  }
+  const auto k = elementwise::make_scaled_coeffs(lr, wd, step);
+  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), "sage_dist::scaled_update_",
+                          [&](auto p_tag, auto g_tag) {
+    using P = decltype(p_tag);
+    using G = decltype(g_tag);
+    scaled_rows_any<P, G>(param.data_ptr<P>() + e0, grad.const_data_ptr<G>() + e0, r, c, n, C,
+                          s, rr.first, rr.last + 1, k);
+  });
+}
+
 void sage_update_cpu(const at::Tensor& param, const at::Tensor& m, const at::Tensor& grad,
                      const at::Tensor& h, int64_t C, int64_t start, double lr, double beta1,
                      double beta2, double weight_decay, bool momentum_first) {
   check_sage_update_args(param, m, grad, h, C, start, kCPU);
-  if (param.numel() == 0) return;
-  const auto k = elementwise::make_sage_coeffs(lr, beta1, beta2, weight_decay, momentum_first);
-  constexpr const char* op = "sage_dist::sage_update_";
-  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), op, [&](auto p_tag, auto g_tag) {
-    using P = decltype(p_tag);
-    using G = decltype(g_tag);
-    sage_rows<P, G>(param.data_ptr<P>(), m.data_ptr<float>(), grad.const_data_ptr<G>(),
-                    h.const_data_ptr<float>(), param.numel(), C, start, k);
+  const auto tasks = update_tasks(1, [&](size_t) { return param.numel(); });
+  parallel_tasks(static_cast<int64_t>(tasks.size()), param.numel(), [&](int64_t k, int) {
+    sage_task(param, m, grad, h, C, start, tasks[k].e0, tasks[k].e1, lr, beta1, beta2,
+              weight_decay, momentum_first);
   });
 }
 
-// ---------------------------------------------------------------------------
-template <typename P, typename G>
-void scaled_rows(P* param, const G* grad, const float* r, const float* c, int64_t n, int64_t C,
-                 int64_t start, const elementwise::ScaledCoeffs& k) {
-  for_each_row(n, C, start, [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
-    P* pp = param + off;
-    const G* gg = grad + off;
-    const float ri = r ? r[i] : 1.f;
-    const int64_t len = c1 - c0;
-    if (c) {
-      for (int64_t j = 0; j < len; ++j)
-        pp[j] = static_cast<P>(elementwise::scaled_update(
-            static_cast<float>(pp[j]), static_cast<float>(gg[j]), ri, c[c0 + j], k));
-    } else {
-      for (int64_t j = 0; j < len; ++j)
-        pp[j] = static_cast<P>(elementwise::scaled_update(
-            static_cast<float>(pp[j]), static_cast<float>(gg[j]), ri, 1.f, k));
-    }
+void sage_update_multi_cpu(at::TensorList params, at::TensorList ms, at::TensorList grads,
+                           at::TensorList hs, at::IntArrayRef Cs, at::IntArrayRef starts,
+                           double lr, double beta1, double beta2, double weight_decay,
+                           bool momentum_first) {
+  check_sage_update_multi_args(params, ms, grads, hs, Cs, starts, kCPU);
+  const auto tasks = update_tasks(params.size(), [&](size_t t) { return params[t].numel(); });
+  parallel_tasks(static_cast<int64_t>(tasks.size()), total_numel(params), [&](int64_t k, int) {
+    const Task& w = tasks[k];
+    sage_task(params[w.t], ms[w.t], grads[w.t], hs[w.t], Cs[w.t], starts[w.t], w.e0, w.e1, lr,
+              beta1, beta2, weight_decay, momentum_first);
   });
 }
 
@@ -311,14 +315,23 @@ void scaled_update_cpu(const at::Tensor& param, const at::Tensor& grad,
                        const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& c,
                        int64_t C, int64_t start, double lr, double weight_decay, double step) {
   check_scaled_update_args(param, grad, r, c, C, start, kCPU);
-  if (param.numel() == 0) return;
-  const auto k = elementwise::make_scaled_coeffs(lr, weight_decay, step);
-  constexpr const char* op = "sage_dist::scaled_update_";
-  dispatch_param_and_grad(param.scalar_type(), grad.scalar_type(), op, [&](auto p_tag, auto g_tag) {
-    using P = decltype(p_tag);
-    using G = decltype(g_tag);
-    scaled_rows<P, G>(param.data_ptr<P>(), grad.const_data_ptr<G>(), opt_ptr(r), opt_ptr(c),
-                      param.numel(), C, start, k);
+  const auto tasks = update_tasks(1, [&](size_t) { return param.numel(); });
+  parallel_tasks(static_cast<int64_t>(tasks.size()), param.numel(), [&](int64_t k, int) {
+    scaled_task(param, grad, opt_ptr(r), opt_ptr(c), C, start, tasks[k].e0, tasks[k].e1, lr,
+                weight_decay, step);
+  });
+}
+
+void scaled_update_multi_cpu(at::TensorList params, at::TensorList grads, at::TensorList rs,
+                             at::TensorList cs, at::IntArrayRef Cs, at::IntArrayRef starts,
+                             double lr, double weight_decay, double step) {
+  check_scaled_update_multi_args(params, grads, rs, cs, Cs, starts, kCPU);
+  const auto tasks = update_tasks(params.size(), [&](size_t t) { return params[t].numel(); });
+  parallel_tasks(static_cast<int64_t>(tasks.size()), total_numel(params), [&](int64_t k, int) {
+    const Task& w = tasks[k];
+    scaled_task(params[w.t], grads[w.t], rs[w.t].const_data_ptr<float>(),
+                cs[w.t].const_data_ptr<float>(), Cs[w.t], starts[w.t], w.e0, w.e1, lr,
+                weight_decay, step);
   });
 }
 
@@ -337,52 +350,225 @@ at::Tensor sinkhorn_rescale_cpu(const at::Tensor& scale, const at::Tensor& s, do
   return out;
 }
 
+// The whole-matrix Sinkhorn (ALGORITHMS.md §2-3) in one sweep per iteration: for each row its
+// sum of (g c)^2 with the current c, its new r_i, and its terms (g r_i)^2 into the column
+// sums, from which c is rescaled after the sweep. The row sums, the blocks and chunks of the
+// column sums and the rescales are those of sq_sums + sinkhorn_rescale, so the phase-by-phase
+// path gives the same r and c bit for bit. The first sweep also takes the max of |bits| of g.
+struct Whole {
+  const void* g;
+  bool bf16;
+  int64_t R, C;
+  float rt, ct;
+};
+
+// Scratch of one thread working on one matrix at a time: acc32 [C], out64 [C], total [C].
+struct SweepScratch {
+  std::vector<float> acc32;
+  std::vector<double> out64, total;
+  void fit(int64_t C) {
+    if (static_cast<int64_t>(acc32.size()) < C) {
+      acc32.resize(C);
+      out64.resize(C);
+      total.resize(C);
+    }
+  }
+};
+
+void init_scales(const Whole& w, float* r, float* c) {
+  std::fill(r, r + w.R, 1.f);
+  std::fill(c, c + w.C, 1.f);
+}
+
+// On the calling thread alone.
+uint32_t sinkhorn_serial(const cpu::Kernels& kern, const Whole& w, int64_t iters, float eps,
+                         float* r, float* c, SweepScratch& s) {
+  s.fit(w.C);
+  init_scales(w, r, c);
+  uint32_t bits = 0;
+  const int64_t K = cpu::rows_per_chunk(w.C);
+  for (int64_t it = 0; it < iters; ++it) {
+    std::fill(s.total.begin(), s.total.begin() + w.C, 0.0);
+    for (int64_t i0 = 0; i0 < w.R; i0 += K) {
+      std::fill(s.out64.begin(), s.out64.begin() + w.C, 0.0);
+      kern.sinkhorn_sweep(w.g, w.bf16, w.C, i0, std::min(w.R, i0 + K), it ? c : nullptr, r, w.rt,
+                          eps, s.acc32.data(), s.out64.data(), it ? nullptr : &bits);
+      for (int64_t j = 0; j < w.C; ++j) s.total[j] += s.out64[j];
+    }
+    for (int64_t j = 0; j < w.C; ++j)
+      c[j] = elementwise::sinkhorn_rescale(c[j], static_cast<float>(s.total[j]), w.ct, eps);
+  }
+  return bits;
+}
+
+// The chunks of each sweep spread over the threads (a large matrix); same numbers.
+uint32_t sinkhorn_parallel(const cpu::Kernels& kern, const Whole& w, int64_t iters, float eps,
+                           float* r, float* c) {
+  init_scales(w, r, c);
+  const int64_t K = cpu::rows_per_chunk(w.C);
+  const int64_t chunks = (w.R + K - 1) / K;
+  const int threads = threads_for(chunks, w.R * w.C);
+  std::vector<double> part(static_cast<size_t>(chunks * w.C));
+  std::vector<float> acc(static_cast<size_t>(threads * w.C));
+  BitsPerThread bits(threads);
+  for (int64_t it = 0; it < iters; ++it) {
+    std::fill(part.begin(), part.end(), 0.0);
+    parallel_tasks_on(threads, chunks, [&](int64_t k, int slot) {
+      const int64_t i0 = k * K;
+      kern.sinkhorn_sweep(w.g, w.bf16, w.C, i0, std::min(w.R, i0 + K), it ? c : nullptr, r, w.rt,
+                          eps, acc.data() + slot * w.C, part.data() + k * w.C,
+                          it ? nullptr : bits.at(slot));
+    });
+    std::vector<double> total(part.begin(), part.begin() + w.C);
+    for (int64_t k = 1; k < chunks; ++k)
+      for (int64_t j = 0; j < w.C; ++j) total[j] += part[k * w.C + j];
+    for (int64_t j = 0; j < w.C; ++j)
+      c[j] = elementwise::sinkhorn_rescale(c[j], static_cast<float>(total[j]), w.ct, eps);
+  }
+  return bits.nonfinite() ? cpu::kNonfiniteBits : 0u;
+}
+
+// A matrix is done by one thread when it is small enough to stay in that core's cache and
+// there are others to keep the remaining threads busy; larger ones spread their sweeps.
+constexpr int64_t kSerialMax = int64_t{1} << 21;  // elements (8 MB of fp32)
+
+Whole whole_of(const at::Tensor& grad, int64_t R, int64_t C, double row_target,
+               double col_target) {
+  return {grad.const_data_ptr(), grad.scalar_type() == at::kBFloat16, R, C,
+          static_cast<float>(row_target), static_cast<float>(col_target)};
+}
+
 std::tuple<at::Tensor, at::Tensor> sinkhorn_scales_cpu(const at::Tensor& grad, int64_t R,
                                                        int64_t C, int64_t iters, double eps,
                                                        double row_target, double col_target) {
   check_sinkhorn_scales_args(grad, R, C, iters, eps, kCPU);
   const auto f32 = grad.options().dtype(at::kFloat);
-  at::Tensor r = at::ones({R}, f32), c = at::ones({C}, f32);
-  at::Tensor rows = at::zeros({R}, f32), cols = at::zeros({C}, f32);
-  float *rp = r.data_ptr<float>(), *cp = c.data_ptr<float>();
-  float *rs = rows.data_ptr<float>(), *cs = cols.data_ptr<float>();
-  const float e = static_cast<float>(eps);
-  const float rt = static_cast<float>(row_target), ct = static_cast<float>(col_target);
-  dispatch_float_or_bfloat16(grad.scalar_type(), "sage_dist::sinkhorn_scales", "grad",
-                             [&](auto tag) {
-    using G = decltype(tag);
-    const GradSource<G> x{grad.const_data_ptr<G>()};
-    const int64_t n = grad.numel();
-    for (int64_t it = 0; it < iters; ++it) {
-      square_sums<G>(x, nullptr, cp, n, C, 0, 1, rs);
-      rescale(rp, rs, R, rt, e);
-      square_sums<G>(x, rp, nullptr, n, C, 0, 0, cs);
-      rescale(cp, cs, C, ct, e);
-    }
-  });
+  at::Tensor r = at::empty({R}, f32), c = at::empty({C}, f32);
+  const Whole w = whole_of(grad, R, C, row_target, col_target);
+  const cpu::Kernels& kern = cpu::kernels();
+  if (R * C <= kSerialMax / 8 || at::get_num_threads() == 1) {
+    SweepScratch s;
+    sinkhorn_serial(kern, w, iters, static_cast<float>(eps), r.data_ptr<float>(),
+                    c.data_ptr<float>(), s);
+  } else {
+    sinkhorn_parallel(kern, w, iters, static_cast<float>(eps), r.data_ptr<float>(),
+                      c.data_ptr<float>());
+  }
   return {r, c};
 }
 
-// ---------------------------------------------------------------------------
-// Multi-tensor forms: on the CPU, the single-fragment kernels one after the other (each is
-// already parallel over its rows); what they save is the per-call overhead.
-void scaled_update_multi_cpu(at::TensorList params, at::TensorList grads, at::TensorList rs,
-                             at::TensorList cs, at::IntArrayRef Cs, at::IntArrayRef starts,
-                             double lr, double weight_decay, double step) {
-  check_scaled_update_multi_args(params, grads, rs, cs, Cs, starts, kCPU);
-  for (size_t i = 0; i < params.size(); ++i)
-    scaled_update_cpu(params[i], grads[i], rs[i], cs[i], Cs[i], starts[i], lr, weight_decay,
-                      step);
+// Many whole matrices: the small ones one per task (largest first), each thread with its own
+// scratch; then the large ones one after the other, each spread over the threads. `done(t,
+// bits, r, c, slot)` runs right after matrix t's scales, on the thread that computed them
+// (for the update, while its gradient is still in that core's cache). r, c: its scales.
+template <typename Done>
+void sinkhorn_many(const std::vector<Whole>& mats, int64_t iters, float eps,
+                   const std::vector<float*>& rs, const std::vector<float*>& cs,
+                   const Done& done) {
+  const cpu::Kernels& kern = cpu::kernels();
+  std::vector<size_t> small, large;
+  int64_t total = 0;
+  for (const Whole& w : mats) total += w.R * w.C;
+  const int threads_all = threads_for(static_cast<int64_t>(mats.size()), total * (iters + 1));
+  for (size_t t = 0; t < mats.size(); ++t) {
+    const int64_t n = mats[t].R * mats[t].C;
+    (n > kSerialMax || (threads_all > 1 && n * 2 * threads_all > total && n > kSerialMax / 8)
+         ? large
+         : small)
+        .push_back(t);
+  }
+  std::stable_sort(small.begin(), small.end(), [&](size_t a, size_t b) {
+    return mats[a].R * mats[a].C > mats[b].R * mats[b].C;
+  });
+  int64_t small_work = 0;
+  for (size_t t : small) small_work += mats[t].R * mats[t].C * (iters + 1);
+  const int threads = threads_for(static_cast<int64_t>(small.size()), small_work);
+  std::vector<SweepScratch> scratch(threads);
+  parallel_tasks_on(threads, static_cast<int64_t>(small.size()), [&](int64_t k, int slot) {
+    const size_t t = small[k];
+    const uint32_t bits = sinkhorn_serial(kern, mats[t], iters, eps, rs[t], cs[t], scratch[slot]);
+    done(t, bits, true);
+  });
+  for (size_t t : large) {
+    const uint32_t bits = sinkhorn_parallel(kern, mats[t], iters, eps, rs[t], cs[t]);
+    done(t, bits, false);
+  }
 }
 
-void sage_update_multi_cpu(at::TensorList params, at::TensorList ms, at::TensorList grads,
-                           at::TensorList hs, at::IntArrayRef Cs, at::IntArrayRef starts,
-                           double lr, double beta1, double beta2, double weight_decay,
-                           bool momentum_first) {
-  check_sage_update_multi_args(params, ms, grads, hs, Cs, starts, kCPU);
-  for (size_t i = 0; i < params.size(); ++i)
-    sage_update_cpu(params[i], ms[i], grads[i], hs[i], Cs[i], starts[i], lr, beta1, beta2,
-                    weight_decay, momentum_first);
+void check_whole_list(const char* op, at::TensorList grads, at::TensorList flags,
+                      at::IntArrayRef Rs, at::IntArrayRef Cs, at::ArrayRef<double> rts,
+                      at::ArrayRef<double> cts, int64_t iters, double eps) {
+  check_list_lengths(op, {grads.size(), flags.size(), Rs.size(), Cs.size(), rts.size(),
+                          cts.size()});
+  for (size_t t = 0; t < grads.size(); ++t) {
+    check_sinkhorn_scales_args(grads[t], Rs[t], Cs[t], iters, eps, kCPU, op);
+    check_device(grads[0], "grads[0]", grads[t], op, "grads[i]", kCPU);
+    check_scale_vector(grads[t], flags[t], 1, op, "flags[i]", kCPU);
+  }
+}
+
+void sinkhorn_scales_multi_cpu(at::TensorList grads, at::TensorList rs, at::TensorList cs,
+                               at::TensorList flags, at::IntArrayRef Rs, at::IntArrayRef Cs,
+                               at::ArrayRef<double> row_targets, at::ArrayRef<double> col_targets,
+                               int64_t iters, double eps) {
+  constexpr const char* op = "sage_dist::sinkhorn_scales_multi_";
+  check_whole_list(op, grads, flags, Rs, Cs, row_targets, col_targets, iters, eps);
+  check_list_lengths(op, {grads.size(), rs.size(), cs.size()});
+  std::vector<Whole> mats;
+  std::vector<float *> r, c;
+  for (size_t t = 0; t < grads.size(); ++t) {
+    check_scale_vector(grads[t], rs[t], Rs[t], op, "rs[i]", kCPU);
+    check_scale_vector(grads[t], cs[t], Cs[t], op, "cs[i]", kCPU);
+    mats.push_back(whole_of(grads[t], Rs[t], Cs[t], row_targets[t], col_targets[t]));
+    r.push_back(rs[t].data_ptr<float>());
+    c.push_back(cs[t].data_ptr<float>());
+  }
+  std::vector<float*> flag;
+  for (const at::Tensor& f : flags) flag.push_back(f.data_ptr<float>());
+  sinkhorn_many(mats, iters, static_cast<float>(eps), r, c, [&](size_t t, uint32_t bits, bool) {
+    *flag[t] = bits >= cpu::kNonfiniteBits ? 1.f : 0.f;
+  });
+}
+
+// The scales and, for a gradient that is finite, the update p <- p (1 - lr wd) - step (g r c),
+// right after its scales (the gradient still in cache); a non-finite gradient leaves p as it
+// is. flags[t] = 1 for those, else 0.
+void sinkhorn_update_multi_cpu(at::TensorList params, at::TensorList grads, at::TensorList flags,
+                               at::IntArrayRef Rs, at::IntArrayRef Cs,
+                               at::ArrayRef<double> row_targets, at::ArrayRef<double> col_targets,
+                               int64_t iters, double eps, double lr, double weight_decay,
+                               double step) {
+  constexpr const char* op = "sage_dist::sinkhorn_update_multi_";
+  check_whole_list(op, grads, flags, Rs, Cs, row_targets, col_targets, iters, eps);
+  check_list_lengths(op, {grads.size(), params.size()});
+  std::vector<Whole> mats;
+  std::vector<at::Tensor> r_store, c_store;
+  std::vector<float *> r, c, flag;
+  const auto f32 = grads.empty() ? at::TensorOptions() : grads[0].options().dtype(at::kFloat);
+  for (size_t t = 0; t < grads.size(); ++t) {
+    check_scaled_update_args(params[t], grads[t], std::nullopt, std::nullopt, Cs[t], 0, kCPU, op);
+    mats.push_back(whole_of(grads[t], Rs[t], Cs[t], row_targets[t], col_targets[t]));
+    r_store.push_back(at::empty({Rs[t]}, f32));
+    c_store.push_back(at::empty({Cs[t]}, f32));
+    r.push_back(r_store.back().data_ptr<float>());
+    c.push_back(c_store.back().data_ptr<float>());
+    flag.push_back(flags[t].data_ptr<float>());
+  }
+  sinkhorn_many(mats, iters, static_cast<float>(eps), r, c, [&](size_t t, uint32_t bits, bool serial) {
+    const bool bad = bits >= cpu::kNonfiniteBits;
+    *flag[t] = bad ? 1.f : 0.f;
+    if (bad) return;
+    const int64_t R = Rs[t], C = Cs[t];
+    if (serial) {
+      scaled_task(params[t], grads[t], r[t], c[t], C, 0, 0, R * C, lr, weight_decay, step);
+      return;
+    }
+    const auto tasks = update_tasks(1, [&](size_t) { return R * C; });
+    parallel_tasks(static_cast<int64_t>(tasks.size()), R * C, [&](int64_t k, int) {
+      scaled_task(params[t], grads[t], r[t], c[t], C, 0, tasks[k].e0, tasks[k].e1, lr,
+                  weight_decay, step);
+    });
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -391,18 +577,24 @@ void momentum_scaled_rows(P* param, float* m, const G* grad, const float* r, con
                           int64_t n, int64_t C, int64_t start,
                           const elementwise::MomentumCoeffs& km,
                           const elementwise::ScaledCoeffs& k) {
-  for_each_row(n, C, start, [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
-    P* pp = param + off;
-    float* mm = m + off;
-    const G* gg = grad + off;
-    const float ri = r ? r[i] : 1.f;
-    const int64_t len = c1 - c0;
-    for (int64_t j = 0; j < len; ++j) {
-      const float x = elementwise::momentum(mm[j], static_cast<float>(gg[j]), km);
-      mm[j] = x;
-      pp[j] = static_cast<P>(elementwise::scaled_update(static_cast<float>(pp[j]), x, ri,
-                                                        c ? c[c0 + j] : 1.f, k));
-    }
+  const RowRange rr = rows_of(n, C, start);
+  const int64_t per = std::max<int64_t>(1, kTaskElems / C);
+  const int64_t tasks = rr.first > rr.last ? 0 : (rr.last - rr.first + per) / per;
+  parallel_tasks(tasks, n, [&](int64_t t, int) {
+    const int64_t i0 = rr.first + t * per;
+    for_rows(n, C, start, i0, std::min(rr.last + 1, i0 + per),
+             [&](int64_t i, int64_t c0, int64_t c1, int64_t off) {
+      P* pp = param + off;
+      float* mm = m + off;
+      const G* gg = grad + off;
+      const float ri = r ? r[i] : 1.f;
+      for (int64_t j = 0; j < c1 - c0; ++j) {
+        const float x = elementwise::momentum(mm[j], static_cast<float>(gg[j]), km);
+        mm[j] = x;
+        pp[j] = static_cast<P>(elementwise::scaled_update(static_cast<float>(pp[j]), x, ri,
+                                                          c ? c[c0 + j] : 1.f, k));
+      }
+    });
   });
 }
 
@@ -431,8 +623,11 @@ TORCH_LIBRARY_IMPL(sage_dist, CPU, m) {
   m.impl("sage_update_multi_", &sage_update_multi_cpu);
   m.impl("sinkhorn_rescale", &sinkhorn_rescale_cpu);
   m.impl("sinkhorn_scales", &sinkhorn_scales_cpu);
+  m.impl("sinkhorn_scales_multi_", &sinkhorn_scales_multi_cpu);
+  m.impl("sinkhorn_update_multi_", &sinkhorn_update_multi_cpu);
   m.impl("momentum_scaled_update_", &momentum_scaled_update_cpu);
   m.impl("colsum_abs", &colsum_abs_cpu);
+  m.impl("colsum_abs_check", &colsum_abs_check_cpu);
   m.impl("sq_sums", &sq_sums_cpu);
   m.impl("sage_update_", &sage_update_cpu);
   m.impl("scaled_update_", &scaled_update_cpu);

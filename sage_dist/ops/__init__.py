@@ -39,6 +39,44 @@ def has_cuda_kernels() -> bool:
     return has_kernel("lion_update_", "cuda")
 
 
+def _native_library():
+    """ctypes handle of the loaded sage_dist._C (the same library: its state is shared)."""
+    global _LIB
+    if _LIB is None and HAS_EXTENSION:
+        import ctypes
+
+        from .. import _C
+
+        _LIB = ctypes.CDLL(_C.__file__)
+        _LIB.sage_dist_cpu_isa.restype = ctypes.c_char_p
+        _LIB.sage_dist_set_cpu_isa.argtypes = [ctypes.c_char_p]
+    return _LIB
+
+
+_LIB = None
+CPU_ISAS = ("avx512", "avx2", "generic")
+
+
+def cpu_isa() -> str | None:
+    """The vector ISA the CPU kernels' hot loops run with ('avx512', 'avx2' or 'generic',
+    chosen at run time for this CPU; csrc/cpu/isa.h), None without the native library."""
+    lib = _native_library()
+    return lib.sage_dist_cpu_isa().decode() if lib is not None else None
+
+
+def set_cpu_isa(name: str) -> str:
+    """Run the CPU hot loops with `name` ('auto' or one of CPU_ISAS) from now on, in this
+    process (all give the same numbers; tests and benchmarks compare them). Returns the one in
+    use; ValueError if this CPU (or build) lacks it."""
+    lib = _native_library()
+    if lib is None:
+        raise RuntimeError(f"sage_dist._C is not loaded ({EXTENSION_ERROR})")
+    if lib.sage_dist_set_cpu_isa(str(name).encode()) != 0:
+        raise ValueError(f"cpu isa {name!r} is not available here: allowed are 'auto' and "
+                         f"those this CPU supports among {', '.join(CPU_ISAS)}")
+    return cpu_isa()
+
+
 _CASTS = {"float": float, "int": int, "bool": bool,  # keyed by str(argument.type)
           "List[int]": lambda xs: [int(x) for x in xs], "List[Tensor]": list}
 
@@ -73,12 +111,15 @@ def _public(name: str):
 lion_update_ = _public("lion_update_")
 lion_update_multi_ = _public("lion_update_multi_")
 colsum_abs = _public("colsum_abs")
+colsum_abs_check = _public("colsum_abs_check")
 sq_sums = _public("sq_sums")
 sage_update_ = _public("sage_update_")
 scaled_update_ = _public("scaled_update_")
 momentum_scaled_update_ = _public("momentum_scaled_update_")
 sinkhorn_rescale = _public("sinkhorn_rescale")
 sinkhorn_scales = _public("sinkhorn_scales")
+sinkhorn_scales_multi_ = _public("sinkhorn_scales_multi_")
+sinkhorn_update_multi_ = _public("sinkhorn_update_multi_")
 scaled_update_multi_ = _public("scaled_update_multi_")
 sage_update_multi_ = _public("sage_update_multi_")
 round_bf16_ = _public("round_bf16_")

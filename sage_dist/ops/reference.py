@@ -70,6 +70,17 @@ def colsum_abs(grad, C, start) -> torch.Tensor:
     return _span(grad.numel(), C, start).col_sum(grad.reshape(-1).float().abs())
 
 
+def nonfinite(grad) -> torch.Tensor:
+    """[1.] if grad holds a NaN or an Inf, else [0.] (fp32)."""
+    return (~torch.isfinite(grad.reshape(-1))).any().float().reshape(1)
+
+
+@torch.no_grad()
+def colsum_abs_check(grad, C, start):
+    """colsum_abs and the finiteness flag of the same elements: (sums, [1.] or [0.])."""
+    return colsum_abs(grad, C, start), nonfinite(grad)
+
+
 def _momentum(m, grad, beta):
     """SCALE's head momentum beta m + (1 - beta) g, fp32, as the rule writes it."""
     return m.reshape(-1) * beta + grad.reshape(-1).float() * (1 - beta)
@@ -169,6 +180,34 @@ def sinkhorn_scales(grad, R, C, iters, eps, row_target, col_target):
         r = sinkhorn_rescale(r, sq_sums(grad, None, c, R, C, 0, 1), row_target, eps)
         c = sinkhorn_rescale(c, sq_sums(grad, r, None, R, C, 0, 0), col_target, eps)
     return r, c
+
+
+@torch.no_grad()
+def sinkhorn_scales_multi_(grads, rs, cs, flags, Rs, Cs, row_targets, col_targets, iters,
+                           eps) -> None:
+    """sinkhorn_scales of every whole matrix into rs[i], cs[i]; flags[i] <- nonfinite(grads[i])."""
+    _same_lengths("sinkhorn_scales_multi_", grads, rs, cs, flags, Rs, Cs, row_targets,
+                  col_targets)
+    for g, r, c, f, R, C, rt, ct in zip(grads, rs, cs, flags, Rs, Cs, row_targets, col_targets):
+        f.copy_(nonfinite(g))
+        r_new, c_new = sinkhorn_scales(g, R, C, iters, eps, rt, ct)
+        r.copy_(r_new)
+        c.copy_(c_new)
+
+
+@torch.no_grad()
+def sinkhorn_update_multi_(params, grads, flags, Rs, Cs, row_targets, col_targets, iters, eps,
+                           lr, weight_decay, step) -> None:
+    """For each whole matrix: flags[i] <- nonfinite(grads[i]); if finite, its scales and
+    scaled_update_ of params[i] with them (a non-finite gradient leaves params[i] as it is)."""
+    _same_lengths("sinkhorn_update_multi_", params, grads, flags, Rs, Cs, row_targets,
+                  col_targets)
+    for p, g, f, R, C, rt, ct in zip(params, grads, flags, Rs, Cs, row_targets, col_targets):
+        bad = nonfinite(g)
+        f.copy_(bad)
+        if bad.item() == 0:
+            r, c = sinkhorn_scales(g, R, C, iters, eps, rt, ct)
+            scaled_update_(p, g, r, c, C, 0, lr, weight_decay, step)
 
 
 # -- stochastic rounding to bf16 (elementwise.h: random_bits, bf16_bits_stochastic) ----------------

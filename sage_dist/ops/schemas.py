@@ -31,6 +31,8 @@ SCHEMAS = {
                     "float beta1, float beta2, float weight_decay) -> ()",
     # SAGE (§1): partial column sums of |grad|, fp32, length C.
     "colsum_abs": "colsum_abs(Tensor grad, int C, int start) -> Tensor",
+    # The same sums and, from the same pass, [1.] if grad holds a NaN or an Inf, else [0.].
+    "colsum_abs_check": "colsum_abs_check(Tensor grad, int C, int start) -> (Tensor, Tensor)",
     # Sinkhorn / SinkGD / SCALE (§2-4): partial sums of (x[i,j] r[i] c[j])^2 along dim 1 (per
     # row, length R) or dim 0 (per column, length C); r, c fp32 or None (1). x is grad, or with
     # the momentum m, SCALE's head momentum beta m + (1 - beta) grad formed on the fly.
@@ -53,6 +55,18 @@ SCHEMAS = {
     # Every iteration of a WHOLE [R, C] matrix held by one process: (r, c).
     "sinkhorn_scales": "sinkhorn_scales(Tensor grad, int R, int C, int iters, float eps, "
                        "float row_target, float col_target) -> (Tensor, Tensor)",
+    # sinkhorn_scales of many whole matrices in one call, into rs[i], cs[i]; flags[i] ([1]) <-
+    # 1 if grads[i] holds a NaN or an Inf, else 0.
+    "sinkhorn_scales_multi_": "sinkhorn_scales_multi_(Tensor[] grads, Tensor(a!)[] rs, "
+                              "Tensor(b!)[] cs, Tensor(c!)[] flags, int[] Rs, int[] Cs, "
+                              "float[] row_targets, float[] col_targets, int iters, float eps) "
+                              "-> ()",
+    # The same scales, then for each finite gradient the scaled update of its parameter
+    # (scaled_update_ with the scales; a parameter whose gradient is not finite is left as it is).
+    "sinkhorn_update_multi_": "sinkhorn_update_multi_(Tensor(a!)[] params, Tensor[] grads, "
+                              "Tensor(b!)[] flags, int[] Rs, int[] Cs, float[] row_targets, "
+                              "float[] col_targets, int iters, float eps, float lr, "
+                              "float weight_decay, float step) -> ()",
     # Many tensors or fragments in one call (one CUDA launch per dtype pair), element for element
     # as the single ops; scaled_update_multi_ takes both scales (pass ones: multiplying by 1 is
     # exact).
@@ -75,6 +89,8 @@ SCHEMAS = {
 _f32 = dict(dtype=torch.float32)
 FAKE_OUTPUTS = {
     "colsum_abs": lambda grad, C, start: grad.new_empty((C,), **_f32),
+    "colsum_abs_check": lambda grad, C, start: (grad.new_empty((C,), **_f32),
+                                                grad.new_empty((1,), **_f32)),
     "sq_sums": lambda grad, r, c, R, C, start, dim, m=None, beta=0.0:
         grad.new_empty((C if dim == 0 else R,), **_f32),
     "sinkhorn_rescale": lambda scale, s, target, eps: torch.empty_like(scale),

@@ -120,6 +120,16 @@ def _cases(t: dict) -> dict:
                                         [cp(t["m"]), cp(t["m2"])], [t["grad"], t["grad2"]],
                                         [t["h"], t["h"]], [C, C], [START, 0], *sage, False),
                                        (0, 1)),
+        "colsum_abs_check": lambda: ((t["grad"], C, START), ()),
+        "sinkhorn_scales_multi_": lambda: (
+            ([t["whole"], t["whole"][:R * 4]], [t["whole"].new_empty(R), t["whole"].new_empty(R)],
+             [t["whole"].new_empty(C), t["whole"].new_empty(4)],
+             [t["whole"].new_zeros(1), t["whole"].new_zeros(1)], [R, R], [C, 4], [1.0, 1.5],
+             [1.5, 1.0], 3, 1e-8), (1, 2, 3)),
+        "sinkhorn_update_multi_": lambda: (
+            ([t["whole"].flip(0), t["whole"][:R * 4].flip(0)], [t["whole"], t["whole"][:R * 4]],
+             [t["whole"].new_zeros(1), t["whole"].new_zeros(1)], [R, R], [C, 4], [1.0, 1.5],
+             [1.5, 1.0], 3, 1e-8, 1e-2, 0.1, 3e-2), (0, 2)),
         "round_bf16_": lambda: ((torch.empty(END - START, dtype=torch.bfloat16,
                                              device=t["src"].device), t["src"], 77, START),
                                 (0,)),

@@ -293,10 +293,19 @@ class RoutedOptimizer(torch.optim.Optimizer):
         in a phase are collected by `batch` and run as multi-tensor calls at its end, before
         the finished fragments are written back to their storage."""
         reducer = self.layout.reducer
-        # Phase 0 carries one finiteness flag per parameter beside the rules' first statistics.
+        # Phase 0 carries one finiteness flag per parameter beside the rules' first statistics:
+        # the rule's own ("nonfinite", flag) when its first pass over g checked it, else one
+        # aminmax pass here. What the rules queued in phase 0 (whole matrices, optim/batch.py;
+        # in skip mode with their updates) runs before the flags are read.
+        batch.fuse_whole_updates = self.nonfinite == "skip"
         requests = []
         for f, p, gen, g, *_ in runs:
-            requests.append([("scalar", _nonfinite_flag(g))] + next(gen))
+            req = next(gen)
+            if req and req[0][0] == "nonfinite":
+                requests.append([("scalar", req[0][1])] + req[1:])
+            else:
+                requests.append([("scalar", _nonfinite_flag(g))] + req)
+        batch.flush()
         first = True
         while runs:
             answers = self._reduce(runs, requests, reducer)

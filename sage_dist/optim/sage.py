@@ -6,6 +6,7 @@ import torch
 from .. import ops
 from .base import (Rule, StateSpec, check_betas, check_bool, check_lr, check_nonneg,
                    check_positive)
+from .batch import has_kernel
 
 
 def sage_damper(S_hat: torch.Tensor, s: torch.Tensor, sigma, gamma, eps: float) -> torch.Tensor:
@@ -30,7 +31,12 @@ class SAGERule(Rule):
         t = self.next_step(st)
         bc = 1 - beta2 ** t
         if f.is_matrix:
-            (col_abs,) = yield [("col", ops.colsum_abs(g, f.cols, f.span.start))]
+            if has_kernel("colsum_abs_check", g.device.type):
+                # The column sums and the engine's finiteness flag in one pass over g.
+                col_abs, bad = ops.colsum_abs_check(g, f.cols, f.span.start)
+                (col_abs,) = yield [("nonfinite", bad), ("col", col_abs)]
+            else:
+                (col_abs,) = yield [("col", ops.colsum_abs(g, f.cols, f.span.start))]
             s = col_abs / f.rows                      # global row count, zero rows included
             S = st["S"].mul_(beta2).add_(s, alpha=1 - beta2)
             S_hat = S / bc

@@ -21,8 +21,9 @@ def sinkhorn_scales(f, g: torch.Tensor, iters: int, eps: float, row_target: floa
 
     A fragment that holds its whole parameter needs no statistic from elsewhere: it yields
     once, empty (to take part in the engine's first phase, which checks the gradient), then
-    runs all 2L passes in one native call while g is still in cache, instead of one per
-    phase. Both paths run the same kernels and agree bit for bit."""
+    runs all L iterations in one native call while g is still in cache, instead of one pass
+    per phase. Both paths run the same kernels and agree bit for bit. (The rule prefers the
+    engine's batch of whole matrices, `SinkhornRule.run`; this is the path without it.)"""
     R, C, start = f.rows, f.cols, f.span.start
     if f.whole:
         yield []
@@ -54,11 +55,22 @@ class SinkhornRule(Rule):
 
     def run(self, f, p, g, st, group, out):
         row_t, col_t = self.targets(f)
-        r, c = yield from sinkhorn_scales(f, g, group["sinkhorn_iters"], group["eps"],
-                                          row_t, col_t)
+        iters, eps = group["sinkhorn_iters"], group["eps"]
+        lr, wd, step = group["lr"], group["weight_decay"], self.step_size(group)
+        queue = getattr(out, "whole_sinkhorn", None) if f.whole else None
+        job = queue(p, g, f.rows, f.cols, iters, eps, row_t, col_t, lr, wd, step) if queue \
+            else None
+        if job is not None:
+            # All whole matrices of the step in one native call (optim/batch.py): L sweeps
+            # over g, the first of which also checks it ("nonfinite": the engine's flag), and
+            # in skip mode the update too, while g is in cache.
+            yield [("nonfinite", job.flag)]
+            if not job.updated:
+                out.scaled(p, g, job.r, job.c, f.cols, 0, lr, wd, step)
+            return
+        r, c = yield from sinkhorn_scales(f, g, iters, eps, row_t, col_t)
         # The scaled gradient is formed in registers, never in memory.
-        out.scaled(p, g, r, c, f.cols, f.span.start, group["lr"], group["weight_decay"],
-                   self.step_size(group))
+        out.scaled(p, g, r, c, f.cols, f.span.start, lr, wd, step)
 
 
 class SinkGDRule(SinkhornRule):

@@ -1,5 +1,5 @@
-// Argument checks of the fragment ops (colsum_abs, sq_sums, sage_update_, scaled_update_,
-// momentum_scaled_update_), shared by the CPU and CUDA kernels; sage_dist/ops.py mirrors them for the fake kernels
+// Argument checks of the fragment ops (colsum_abs, colsum_abs_check, sq_sums, sage_update_,
+// scaled_update_, momentum_scaled_update_, the Sinkhorn ops), shared by the CPU and CUDA kernels; sage_dist/ops.py mirrors them for the fake kernels
 // and the pure-PyTorch fallbacks.
 #pragma once
 
@@ -11,8 +11,7 @@
 namespace sage_dist {
 
 inline void check_colsum_abs_args(const at::Tensor& grad, int64_t C, int64_t start,
-                                  c10::DeviceType dev) {
-  constexpr const char* op = "sage_dist::colsum_abs";
+                                  c10::DeviceType dev, const char* op = "sage_dist::colsum_abs") {
   check_fragment_tensor(grad, "grad", grad, op, "grad", dev);
   check_geometry(grad.numel(), C, start, op);
 }
@@ -50,8 +49,8 @@ inline void check_sinkhorn_rescale_args(const at::Tensor& scale, const at::Tenso
 }
 
 inline void check_sinkhorn_scales_args(const at::Tensor& grad, int64_t R, int64_t C,
-                                       int64_t iters, double eps, c10::DeviceType dev) {
-  constexpr const char* op = "sage_dist::sinkhorn_scales";
+                                       int64_t iters, double eps, c10::DeviceType dev,
+                                       const char* op = "sage_dist::sinkhorn_scales") {
   check_fragment_tensor(grad, "grad", grad, op, "grad", dev);
   TORCH_CHECK(R >= 1 && C >= 1, op, ": R=", R, ", C=", C, " is invalid; allowed: R, C >= 1");
   TORCH_CHECK(grad.numel() == R * C, op, ": grad has ", grad.numel(), " elements; the whole [",
