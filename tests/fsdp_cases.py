@@ -63,9 +63,11 @@ def sharded_model(mesh, seed=0, **kw):
 
 def expected_comm_floats(opt) -> int:
     """Floats one step must all-reduce under FSDP2, from global shapes alone:
-    one finiteness flag per parameter; column statistics per matrix (rows are local);
-    two scalars per sharded vector under SAGE."""
+    one finiteness flag per parameter (twice under HSDP: the replicas agree on it too);
+    column statistics per matrix (rows are local); two scalars per sharded vector under SAGE."""
     total = 0
+    if opt.layout.mesh is not None and opt.layout.mesh.ndim > 1:
+        total += sum(len(g["params"]) for g in opt.param_groups)
     for g in opt.param_groups:
         for p in g["params"]:
             shape = tuple(p.shape)
@@ -97,12 +99,15 @@ class Oracle:
                         st[k] = int(v.item()) if k == "step" else _full(v)
         self.worst, self.flips, self.numel = 0.0, 0, 0
 
-    def step(self):
+    def step(self, skip=()):
+        """One step of both; the oracle treats the parameters in `skip` as having no gradient
+        (what nonfinite='skip' must do with a NaN anywhere in their gradient)."""
         opt = self.opt
         for rg, g in zip(self.params, opt.param_groups):
             for rp, p in zip(rg, g["params"]):
                 rp.copy_(p.full_tensor())
-        self.ref.step([[p.grad.full_tensor() for p in g["params"]] for g in opt.param_groups])
+        self.ref.step([[None if any(p is s for s in skip) else p.grad.full_tensor()
+                        for p in g["params"]] for g in opt.param_groups])
         opt.step()
         for rg, g in zip(self.params, opt.param_groups):
             flip = 2 * g["lr"] if g["rule"] in SIGN_RULES else None
@@ -302,3 +307,54 @@ def comm_of_config(rank, world, config_path, recipe):
     model(x, labels=x).loss.backward()
     opt.step()
     return opt.comm_stats(), expected_comm_floats(opt), n
+
+
+def nan_in_one_shard(rank, world, mesh_shape, recipe, steps, nan_step, nan_rank, name, mode):
+    """A NaN written into `nan_rank`'s local shard of `name`'s gradient at `nan_step` (after
+    the reduce-scatter: no other rank's gradient holds it). 'skip': per rank, the parameters
+    that step left bit-identical (with their state), the optimizer's skip count after each
+    step, and every step against the oracle (which gives `name` no gradient at `nan_step`).
+    'raise': the error and when it came, per rank."""
+    import time
+
+    mesh = make_mesh(mesh_shape)
+    model = sharded_model(mesh)
+    opt = sage_dist.build_optimizer(model, recipe, nonfinite=mode)
+    oracle, target = Oracle(opt), dict(model.named_parameters())[name]
+    counts, unchanged, state_kept = [], None, None
+    for step in range(steps):
+        model(local_batch(step, rank, dist.get_world_size())).backward()
+        skip = ()
+        if step == nan_step:
+            local = target.grad.to_local()
+            if rank == nan_rank:
+                assert local.numel() > 0, f"rank {rank} holds no rows of {name}"
+                local.view(-1)[local.numel() // 2] = float("nan")
+            if mode == "raise":
+                t0 = time.time()
+                try:
+                    opt.step()
+                    error = None
+                except FloatingPointError as e:
+                    error = str(e)
+                return dict(error=error, at=time.time(), waited=time.time() - t0)
+            skip = (target,)
+            before = {n: p.full_tensor() for n, p in model.named_parameters()}
+            state_before = {k: _full(v) for k, v in opt.state[target].items()}
+        oracle.step(skip)
+        if skip:
+            unchanged = sorted(n for n, p in model.named_parameters()
+                               if torch.equal(p.full_tensor(), before[n]))
+            state_kept = all(torch.equal(_full(v), state_before[k])
+                             for k, v in opt.state[target].items())
+        counts.append(opt.nonfinite_count)
+        opt.zero_grad(set_to_none=True)
+    worst, flips, numel = oracle.result
+    return dict(counts=counts, unchanged=unchanged, state_kept=state_kept, rel=worst,
+                flips=flips, numel=numel)
+
+
+def nan_cases(rank, world, mesh_shape, specs):
+    """nan_in_one_shard for each (label, recipe, name, nan_rank, mode), in one process group."""
+    return {label: nan_in_one_shard(rank, world, mesh_shape, recipe, 6, 2, nan_rank, name, mode)
+            for label, recipe, name, nan_rank, mode in specs}

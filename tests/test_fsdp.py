@@ -111,3 +111,49 @@ def test_comm_of_60m_llama_is_under_one_percent_of_params(recipe):
           f"step = {100 * comm['floats'] / n:.3f}% of {n:,} parameters")
     assert comm["floats"] == expected
     assert comm["floats"] < 0.01 * n
+
+
+# -- a NaN in one rank's gradient shard (docs/DISTRIBUTED.md: non-finite gradients) ---------------
+DENSE, EMBED = "lm.model.layers.0.mlp.up_proj.weight", "lm.model.embed_tokens.weight"
+NAN_SPECS = {  # mesh: (label, recipe, parameter, the rank whose shard gets the NaN, mode)
+    "fsdp2": [("dense", "sage-hybrid", DENSE, 1, "skip"), ("embedding", "sage-hybrid", EMBED, 1, "skip"),
+              ("scale", "scale", DENSE, 0, "skip"), ("raise", "sage-hybrid", DENSE, 1, "raise")],
+    "hsdp2x2": [("dense", "sage-hybrid", DENSE, 3, "skip"), ("embedding", "sinkgd-hybrid", EMBED, 2, "skip"),
+                ("raise", "sage-hybrid", DENSE, 3, "raise")],
+}
+
+
+@pytest.fixture(scope="module")
+def nan_results():
+    return {mesh: run(cases.nan_cases, 4 if mesh == "hsdp2x2" else 2, MESHES[mesh], specs)
+            for mesh, specs in NAN_SPECS.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh,label", [(m, s[0]) for m, specs in NAN_SPECS.items()
+                                        for s in specs if s[4] == "skip"])
+def test_nan_in_one_ranks_shard_every_rank_skips_the_same(nan_results, mesh, label):
+    """Only one rank's shard holds the NaN; every rank (every replica under HSDP) skips the
+    same parameter in the same step, leaves it and its state untouched, counts it, and every
+    step (that one included) equals the oracle that gives the parameter no gradient then."""
+    name = next(s[2] for s in NAN_SPECS[mesh] if s[0] == label)
+    per_rank = [(r[label]["unchanged"], r[label]["counts"]) for r in nan_results[mesh]]
+    print(f"{mesh} {label}: per rank (parameters left unchanged by the NaN step, skip count "
+          f"after each step): {per_rank[0]}; max rel vs oracle "
+          f"{max(r[label]['rel'] for r in nan_results[mesh]):.2e}")
+    assert all(p == per_rank[0] for p in per_rank)
+    assert per_rank[0] == ([name], [0, 0, 1, 1, 1, 1])
+    for r in nan_results[mesh]:
+        res = r[label]
+        assert res["state_kept"]
+        assert res["rel"] <= 1e-6 and res["flips"] <= 1e-5 * res["numel"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", list(NAN_SPECS))
+def test_nan_in_one_ranks_shard_raise_mode_raises_on_every_rank(nan_results, mesh):
+    res = [r["raise"] for r in nan_results[mesh]]
+    spread = max(r["at"] for r in res) - min(r["at"] for r in res)
+    print(f"{mesh} raise: every rank raised within {spread:.3f} s: {res[0]['error']}")
+    assert all(r["error"] and DENSE in r["error"] for r in res)
+    assert spread < 5

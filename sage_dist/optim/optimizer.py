@@ -327,7 +327,8 @@ class RoutedOptimizer(torch.optim.Optimizer):
     def _drop_nonfinite(self, runs, answers):
         # All the flags at once: one device-to-host read per device, so one synchronisation
         # per step on a GPU rather than one per parameter (tests/test_gpu_ready.py counts).
-        flags = _read_flags([ans[0] for ans in answers])
+        # Replicas (HSDP) first agree on them: every rank then skips the same parameters.
+        flags = _read_flags(self.layout.reducer.agree([ans[0] for ans in answers]))
         bad = [i for i, flag in enumerate(flags) if flag > 0]
         if bad and self.nonfinite == "raise":
             names = ", ".join(runs[i][0].name for i in bad)

@@ -4,7 +4,8 @@
 FSDP2 cuts dim 0 like torch.chunk: ceil(R / W) rows per rank, so trailing ranks may hold fewer
 rows or none. Each rank's fragment is therefore whole rows [r0, r1): row statistics are
 complete locally and only column and whole-tensor statistics travel, over the shard dimension
-of the mesh only (FSDP already averaged gradients over the replicate dimension).
+of the mesh only (FSDP already averaged gradients over the replicate dimension). Under HSDP
+the replicas also agree on which gradients are finite (StatsReducer.agree).
 """
 from __future__ import annotations
 
@@ -68,7 +69,11 @@ class DTensorLayout(Layout):
             group = self.mesh.get_group(shard_dim)
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
-        self.reducer = StatsReducer(group if self.world > 1 else None)
+        replicas = None   # HSDP (Replicate(), Shard(0)): the replicate dimension's group
+        if self.mesh is not None and self.mesh.ndim == 2 and shard_dim == 1:
+            replicas = self.mesh.get_group(0)
+            replicas = replicas if dist.get_world_size(replicas) > 1 else None
+        self.reducer = StatsReducer(group if self.world > 1 else None, replicas)
 
     def _rows(self, p: DTensor, R: int) -> tuple[int, int]:
         if _shard_dim_of("", p) is None:

@@ -9,10 +9,15 @@ class StatsReducer:
     """Sums partial statistics across the data-parallel shard group, counting what it sends.
 
     `group=None` means no communication (one process, or every rank holds whole parameters).
+    `replicas`: the group of ranks that hold the same shards (HSDP's replicate dimension);
+    they sum no statistics (FSDP already averaged their gradients) but must agree on which
+    gradients are finite (`agree`), or a NaN written into one replica's shard after the
+    gradient reduction would leave the replicas holding different parameters.
     """
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, replicas=None):
         self.group = group
+        self.replicas = replicas
         self.floats = 0        # floats all-reduced since the counters were last reset
         self.collectives = 0   # all-reduce calls since the counters were last reset
 
@@ -29,3 +34,14 @@ class StatsReducer:
         self.floats += flat.numel()
         self.collectives += 1
         return list(torch.split(flat, [p.numel() for p in parts]))
+
+    def agree(self, flags: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The maximum of each one-element finiteness flag over the replicas (one collective,
+        HSDP only): a gradient non-finite on any replica counts as non-finite on all."""
+        if self.replicas is None or not flags:
+            return flags
+        flat = torch.cat([f.reshape(-1).float() for f in flags])
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.replicas)
+        self.floats += flat.numel()
+        self.collectives += 1
+        return list(flat.split(1))
