@@ -7,6 +7,9 @@ with, in the JSON, `"optimizer": {"type": "sage-hybrid", "params": {"lr": 2e-3}}
 our recipes (case and -/_ insensitive; an optional "sage_dist." prefix). "adamw" and "lion"
 are also DeepSpeed built-ins and stay DeepSpeed's: ours are "sage_dist.adamw" and
 "sage_dist.lion". Any DeepSpeed built-in or torch.optim name passes through untouched.
+
+`register()` makes `deepspeed.initialize` itself do this, for every caller (the Hugging Face
+Trainer and Accelerate included); `unregister()` undoes it (docs/INTEGRATIONS.md).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import copy
 import json
 import os
 
+from .optim.optimizer import RoutedOptimizer
 from .optim.recipes import RECIPES, build_optimizer
 from .shard import zero
 from .shard.layout import PendingLayout, make_layout
@@ -78,44 +82,188 @@ def initialize(model, config, optimizer=None, **kwargs):
     """deepspeed.initialize, building our optimizer when the config names one of our recipes.
 
     Returns what deepspeed.initialize returns: (engine, optimizer, dataloader, lr_scheduler).
-    All checks run before DeepSpeed does any work.
+    A client `optimizer` that is one of ours (build_optimizer) is attached to DeepSpeed's
+    partitions too. All checks run before DeepSpeed does any work. The same code runs inside
+    `deepspeed.initialize` itself after `register()`.
     """
-    import deepspeed
+    call = dict(kwargs, model=model, config=config, optimizer=optimizer)
+    return _initialize(_original(), call)
 
+
+def _initialize(ds_init, call: dict):
+    """Route one deepspeed.initialize call (its keyword arguments): build our optimizer when
+    the config names one of our recipes, attach a client RoutedOptimizer to the partitions,
+    refuse what cannot be exact, and pass every other call to `ds_init` untouched."""
+    global _DEPTH
+    config, args = _config_of(call)
+    if _DEPTH or config is None:   # a nested call (another patch above ours), or no config
+        return ds_init(**call)
     cfg = load_config(config)
-    section = cfg.get("optimizer")
-    if optimizer is not None or section is None:
-        return deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, **kwargs)
+    model, client = call.get("model"), call.get("optimizer")
+    recipe = _recipe_of(cfg.get("optimizer"))
+    if recipe is None and not isinstance(client, RoutedOptimizer):
+        _refuse_swapped(client)
+        return ds_init(**call)     # not ours: DeepSpeed's own business, untouched
+    _check_supported(model, cfg)
+    _check_offload(cfg, named=recipe is not None)
+    if recipe is not None:
+        if client is not None:
+            raise ValueError(
+                f"optimizer.type={cfg['optimizer']['type']!r} names a sage_dist recipe and a "
+                f"client optimizer ({type(client).__name__}) was passed too: give one of them "
+                f"(drop the JSON's optimizer section to use the client optimizer, or pass no "
+                f"optimizer to build {recipe!r} from the JSON)")
+        client = build_optimizer(model, recipe, layout=PendingLayout(),
+                                 **_params(cfg.pop("optimizer")))
+    elif any(g.get("round_step", 0) for g in client.param_groups):
+        raise ValueError("the sage_dist optimizer handed to deepspeed.initialize has already "
+                         "stepped: its state cannot be carried into DeepSpeed's partitions; build "
+                         "it fresh (and resume through engine.load_checkpoint)")
+    names = {id(p): n for n, p in client.named_parameters()}  # before DeepSpeed swaps them
+    cfg["zero_allow_untested_optimizer"] = True
+    call.pop("config_params", None)
+    call.update(optimizer=client, config=cfg)
+    if args is not None:           # the config came from args.deepspeed_config: moved to config
+        call["args"] = copy.copy(args)
+        call["args"].deepspeed_config = None
+    _DEPTH += 1
+    try:
+        engine, ds_opt, loader, sched = ds_init(**call)
+    finally:
+        _DEPTH -= 1
+    if cfg.get("zero_optimization", {}).get("stage", 0) in (1, 2, 3):
+        client.use_layout(zero.ZeroLayout.of(engine, names))
+    else:
+        client.use_layout(make_layout(client.named_parameters()))
+    return engine, ds_opt, loader, sched
+
+
+def _config_of(call: dict):
+    """The config of a deepspeed.initialize call: `config`, `config_params` or
+    args.deepspeed_config (then also `args`, so that the rewritten config can replace it)."""
+    for key in ("config", "config_params"):
+        if call.get(key) is not None:
+            return call[key], None
+    args = call.get("args")
+    path = getattr(args, "deepspeed_config", None)
+    return (path, args) if path is not None else (None, None)
+
+
+def _recipe_of(section) -> str | None:
+    """Our recipe named by a config's optimizer section; None for no section and for DeepSpeed's
+    or torch's own types; anything else is refused, naming what is allowed."""
+    if section is None:
+        return None
     type_name = section.get("type")
     recipe = our_recipe(type_name)
-    if recipe is None:
-        import torch
-        builtin = str(type_name).lower() in deepspeed_builtin_types()
-        if builtin or hasattr(torch.optim, str(type_name)):
-            return deepspeed.initialize(model=model, config=cfg, **kwargs)
-        raise ValueError(
-            f"optimizer.type={type_name!r} is not a known optimizer: allowed are sage_dist's "
-            f"{', '.join(RECIPES)} (adamw and lion as sage_dist.adamw / sage_dist.lion), "
-            f"DeepSpeed's {', '.join(deepspeed_builtin_types())}, or a torch.optim class name")
-    _check_supported(model, cfg)
+    if recipe is not None:
+        return recipe
+    import torch
+    if str(type_name).lower() in deepspeed_builtin_types() or hasattr(torch.optim, str(type_name)):
+        return None
+    raise ValueError(
+        f"optimizer.type={type_name!r} is not a known optimizer: allowed are sage_dist's "
+        f"{', '.join(RECIPES)} (adamw and lion as sage_dist.adamw / sage_dist.lion), "
+        f"DeepSpeed's {', '.join(deepspeed_builtin_types())}, or a torch.optim class name")
+
+
+def _params(section: dict) -> dict:
     params = dict(section.get("params", {}))
     for key in ("betas", "adam_betas"):  # JSON has lists where torch has tuples
         if isinstance(params.get(key), list):
             params[key] = tuple(params[key])
-    opt = build_optimizer(model, recipe, layout=PendingLayout(), **params)
-    names = {id(p): n for n, p in opt.named_parameters()}  # before DeepSpeed swaps the tensors
-    cfg.pop("optimizer")
-    cfg["zero_allow_untested_optimizer"] = True
+    return params
+
+
+FORCE_CPU_KEY = "zero_force_ds_cpu_optimizer"
+
+
+def _check_offload(cfg: dict, named: bool) -> None:
+    """ZeRO optimizer offload runs our optimizer on the CPU partitions, which needs
+    zero_force_ds_cpu_optimizer=false. A config naming our recipe gets it unless it says
+    otherwise; with a client optimizer the JSON must say so (DeepSpeed's and Accelerate's
+    default, true, means "replace or refuse any client optimizer")."""
     off = cfg.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
-    if off.get("device") not in (None, "none"):
-        cfg["zero_force_ds_cpu_optimizer"] = False
-    engine, ds_opt, loader, sched = deepspeed.initialize(model=model, optimizer=opt, config=cfg,
-                                                         **kwargs)
-    if cfg.get("zero_optimization", {}).get("stage", 0) in (1, 2, 3):
-        opt.use_layout(zero.ZeroLayout.of(engine, names))
-    else:
-        opt.use_layout(make_layout(opt.named_parameters()))
-    return engine, ds_opt, loader, sched
+    if off.get("device") in (None, "none"):
+        return
+    force = cfg.get(FORCE_CPU_KEY, None if named else True)
+    if force in (None, False, "false"):
+        cfg[FORCE_CPU_KEY] = False
+        return
+    raise ValueError(
+        f"zero_optimization.offload_optimizer.device={off['device']!r} with {FORCE_CPU_KEY}="
+        f"true{'' if FORCE_CPU_KEY in cfg else ' (the default)'}: DeepSpeed would refuse, and "
+        f"Accelerate would silently replace, the sage_dist optimizer with DeepSpeedCPUAdam; set "
+        f"\"{FORCE_CPU_KEY}\": false in the DeepSpeed JSON (the sage_dist optimizer then steps "
+        f"the offloaded fp32 partitions on the CPU)")
+
+
+def _refuse_swapped(optimizer) -> None:
+    """Accelerate's map_pytorch_optim_to_deepspeed (ZeRO offload with zero_force_ds_cpu_optimizer
+    true) hands DeepSpeed a DeepSpeedCPUAdam built on our optimizer's param groups (the same
+    dicts, still carrying 'rule'): refuse rather than train with Adam."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    if optimizer is not None and any(isinstance(g, dict) and "rule" in g for g in groups):
+        raise ValueError(
+            f"deepspeed.initialize got a {type(optimizer).__name__} built on a sage_dist "
+            f"optimizer's param groups: Accelerate replaces a client optimizer with DeepSpeed's "
+            f"CPU Adam under ZeRO optimizer offload while {FORCE_CPU_KEY} is true (the "
+            f"default); set \"{FORCE_CPU_KEY}\": false in the DeepSpeed JSON to keep the "
+            f"sage_dist optimizer")
+
+
+# -- register(): make deepspeed.initialize itself route our recipes ----------------------------
+_DEPTH = 0
+PATCH_MARK = "_sage_dist_original"
+
+
+def register() -> None:
+    """Patch `deepspeed.initialize` (the module attribute) so that every caller — user code,
+    the Hugging Face Trainer, Accelerate (which looks it up at call time) — gets what
+    `sage_dist.deepspeed.initialize` does: our optimizer built and attached to the ZeRO
+    partitions when the JSON's optimizer.type names one of our recipes, a client sage_dist
+    optimizer attached to them, the same refusals; every other call passes through untouched.
+    Idempotent; `unregister()` undoes it. Code that bound the function before the patch
+    (`from deepspeed import initialize`) keeps the original."""
+    import functools
+
+    import deepspeed
+
+    original = deepspeed.initialize
+    if hasattr(original, PATCH_MARK):
+        return
+
+    @functools.wraps(original)
+    def initialize(*args, **kwargs):
+        import inspect
+        call = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+        return _initialize(original, dict(call))
+
+    setattr(initialize, PATCH_MARK, original)
+    deepspeed.initialize = initialize
+
+
+def unregister() -> bool:
+    """Restore the `deepspeed.initialize` that register() replaced. False if it was not
+    patched (or was patched again by someone else after us, which is then left alone)."""
+    import deepspeed
+
+    original = getattr(deepspeed.initialize, PATCH_MARK, None)
+    if original is None:
+        return False
+    deepspeed.initialize = original
+    return True
+
+
+def registered() -> bool:
+    import deepspeed
+    return hasattr(deepspeed.initialize, PATCH_MARK)
+
+
+def _original():
+    """deepspeed.initialize as DeepSpeed defines it (ours calls it, never the patch)."""
+    import deepspeed
+    return getattr(deepspeed.initialize, PATCH_MARK, deepspeed.initialize)
 
 
 # -- resharding: a world-size-independent checkpoint of our state ---------------------------
