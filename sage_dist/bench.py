@@ -263,9 +263,12 @@ def main(argv=None) -> dict:
     step.add_argument("--json", default="bench_step.json", help="where to write the results")
     step.add_argument("--profile", action="store_true",
                       help="also profile the fused sage-hybrid step per op (torch.profiler)")
+    from .bench_sharded import add_parser, run_sharded
+    add_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "step":
         return run_step(args)
+    return run_sharded(args)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,36 @@ def test_rule_bytes(rule, words, once):
     assert bench.rule_bytes(rule, group, 10, once=True) == once * 4 * 10
     if rule in ("sinkhorn", "sinkgd"):  # two statistics passes per iteration (no one-sweep kernel)
         assert bench.rule_bytes(rule, group, 10, one_sweep=False) == (2 * 5 + 3) * 4 * 10
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--engine", "zero4"], "--engine 'zero4' is invalid: allowed are fsdp2, zero1, zero2, zero3"),
+    (["--world", "0"], "--world 0 is invalid: allowed is >= 1"),
+    (["--warmup", "-1"], "--warmup -1 is invalid"),
+])
+def test_bench_sharded_refuses_bad_arguments_before_starting(argv, message):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["sharded", "--model", "llama_tiny", *argv])
+    assert message in str(e.value)
+
+
+@pytest.mark.slow
+def test_bench_sharded_runs_fsdp2_and_zero2_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "sharded.json"
+    res = bench.main(["sharded", "--model", "llama_tiny", "--engine", "fsdp2", "zero2",
+                      "--steps", "1", "--warmup", "0", "--seq", "16", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert json.loads(json.dumps(res)) == data
+    assert set(data["engines"]) == {"fsdp2", "zero2"}
+    fsdp, zero = data["engines"]["fsdp2"], data["engines"]["zero2"]
+    assert set(fsdp["results"]) == {"sage-hybrid", "torch AdamW foreach", "torch AdamW fused"}
+    assert fsdp["baseline"] == "torch AdamW fused"
+    assert zero["baseline"] == "DeepSpeed AdamW (FusedAdam)"
+    for e in (fsdp, zero):
+        base = e["results"][e["baseline"]]
+        ours = e["results"]["sage-hybrid"]
+        assert e["step_ratio"] == pytest.approx(ours["step_seconds"] / base["step_seconds"])
+        for r in e["results"].values():
+            assert 0 < r["step_seconds"] < r["train_step_seconds"]
+            assert r["tokens_per_second"] == pytest.approx(2 * 2 * 16 / r["train_step_seconds"])
+    assert "tokens/s vs AdamW" in capsys.readouterr().out

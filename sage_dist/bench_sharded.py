@@ -1,0 +1,207 @@
+"""Sharded optimizer-step benchmark: `python -m sage_dist.bench sharded`.
+
+    python -m sage_dist.bench sharded --model llama_60m --world 2 --engine fsdp2 zero1 zero2 zero3
+
+For each engine, `world` gloo processes on this machine (one thread each) train a Llama config
+on random tokens, once with sage-hybrid and once with AdamW on the same engine: torch's AdamW
+(foreach and fused) on FSDP2's DTensors; DeepSpeed's own AdamW under ZeRO (its FusedAdam, or
+with `--ds-adam torch` DeepSpeed's `torch_adam` choice, torch.optim.AdamW). Per training step it
+times the optimizer step as the engine runs it (FSDP2: `opt.step()`; ZeRO: `engine.step()`,
+which also reduces, clips and re-gathers) and the whole step (forward, backward, step), the
+slowest rank's time counting. It prints the medians, the ratios to AdamW, and the training
+tokens/s of each; `--json` writes them. Every figure comes from one run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+ENGINES = ("fsdp2", "zero1", "zero2", "zero3")
+
+
+def _cases(engine: str, ds_adam: str) -> list[tuple[str, dict]]:
+    if engine == "fsdp2":
+        return [("sage-hybrid", {}), ("torch AdamW foreach", {"foreach": True}),
+                ("torch AdamW fused", {"fused": True})]
+    adam = {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}
+    if ds_adam == "torch":
+        adam["params"]["torch_adam"] = True
+    name = "DeepSpeed AdamW" + (" (torch_adam)" if ds_adam == "torch" else " (FusedAdam)")
+    return [("sage-hybrid", {"type": "sage-hybrid", "params": {}}), (name, adam)]
+
+
+def _tokens(step: int, rank: int, batch: int, seq: int, vocab: int):
+    import torch
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def _slowest(seconds: float) -> float:
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _fsdp2(model_name, spec, world):
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .fsdp import shard_llama
+    from .models import build_model
+    from .optim.recipes import build_optimizer
+
+    model = shard_llama(build_model(model_name, seed=0), init_device_mesh("cpu", (world,)))
+    if spec:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, **spec)
+    else:
+        opt = build_optimizer(model, "sage-hybrid")
+
+    def train_step(x):
+        model(input_ids=x, labels=x).loss.backward()
+        t0 = time.perf_counter()
+        opt.step()
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        return t1 - t0
+    return model, train_step
+
+
+def _zero(model_name, spec, stage, batch):
+    from . import deepspeed as sdds
+    from .models import build_model
+
+    cfg = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+           "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+           "optimizer": spec, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+    engine, *_ = sdds.initialize(model=build_model(model_name, seed=0), config=cfg)
+
+    def train_step(x):
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        t0 = time.perf_counter()
+        engine.step()
+        return time.perf_counter() - t0
+    return engine.module, train_step
+
+
+def _worker(rank, world, port, out_dir, args):
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    # torch's notes on DeepSpeed's deprecated collective names, once per call: noise here
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    for name, spec in _cases(args["engine"], args["ds_adam"]):
+        if args["engine"] == "fsdp2":
+            model, train_step = _fsdp2(args["model"], spec, world)
+        else:
+            model, train_step = _zero(args["model"], spec, int(args["engine"][-1]), args["batch"])
+        vocab = model.config.vocab_size
+        steps, whole = [], []
+        for i in range(args["warmup"] + args["steps"]):
+            x = _tokens(i, rank, args["batch"], args["seq"], vocab)
+            dist.barrier()
+            t0 = time.perf_counter()
+            step_s = train_step(x)
+            total_s = time.perf_counter() - t0
+            step_s, total_s = _slowest(step_s), _slowest(total_s)
+            if i >= args["warmup"]:
+                steps.append(step_s)
+                whole.append(total_s)
+        tokens = world * args["batch"] * args["seq"]
+        results[name] = dict(step_seconds=statistics.median(steps),
+                             train_step_seconds=statistics.median(whole),
+                             tokens_per_second=tokens / statistics.median(whole))
+        del model, train_step
+    if rank == 0:
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_engine(engine: str, args: dict) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_worker, args=(args["world"], port, out_dir, dict(args, engine=engine)),
+                           nprocs=args["world"], start_method="spawn", join=True)
+        with open(os.path.join(out_dir, "result.json")) as f:
+            return json.load(f)
+
+
+def check_args(args) -> None:
+    """Refuse bad arguments before any process starts."""
+    for e in args.engine:
+        if e not in ENGINES:
+            raise SystemExit(f"--engine {e!r} is invalid: allowed are {', '.join(ENGINES)}")
+    for key in ("world", "steps", "batch", "seq"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key} {getattr(args, key)} is invalid: allowed is >= 1")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup {args.warmup} is invalid: allowed is >= 0")
+
+
+def run_sharded(args) -> dict:
+    from .models import find_config
+
+    check_args(args)
+    model = str(find_config(args.model, "models"))
+    common = dict(model=model, world=args.world, steps=args.steps, warmup=args.warmup,
+                  batch=args.batch, seq=args.seq, ds_adam=args.ds_adam)
+    out = dict(model=args.model, world=args.world, batch_per_rank=args.batch, seq=args.seq,
+               steps=args.steps, warmup=args.warmup, threads_per_rank=1, engines={})
+    print(f"model {args.model}, world {args.world} (gloo, 1 thread per rank), {args.batch} x "
+          f"{args.seq} tokens per rank and step; medians of {args.steps} steps, slowest rank")
+    print(f"{'engine':<8}{'optimizer':<30}{'step ms':>9}{'train step ms':>15}{'tokens/s':>10}"
+          f"{'step vs AdamW':>15}{'tokens/s vs AdamW':>19}")
+    for engine in args.engine:
+        res = run_engine(engine, common)
+        ours = res["sage-hybrid"]
+        base_name = [n for n in res if n != "sage-hybrid"][-1]  # fused where there are two
+        base = res[base_name]
+        for name, r in res.items():
+            r["step_vs_adamw"] = r["step_seconds"] / base["step_seconds"]
+            r["tokens_per_second_vs_adamw"] = r["tokens_per_second"] / base["tokens_per_second"]
+            print(f"{engine:<8}{name:<30}{r['step_seconds'] * 1e3:>9.1f}"
+                  f"{r['train_step_seconds'] * 1e3:>15.1f}{r['tokens_per_second']:>10.0f}"
+                  f"{r['step_vs_adamw']:>14.2f}x{r['tokens_per_second_vs_adamw']:>18.2f}x")
+        out["engines"][engine] = dict(results=res, baseline=base_name,
+                                      step_ratio=ours["step_vs_adamw"],
+                                      tokens_per_second_ratio=ours["tokens_per_second_vs_adamw"])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+        print(f"wrote {args.json}")
+    return out
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sharded", help="time the optimizer step under FSDP2 and ZeRO against "
+                                       "AdamW on the same engine")
+    p.add_argument("--model", default="llama_60m", help="a shipped model config or a path")
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--engine", nargs="+", default=list(ENGINES), help=", ".join(ENGINES))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="sequences per rank and step")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--ds-adam", choices=("fused", "torch"), default="fused",
+                   help="DeepSpeed's AdamW under ZeRO: its FusedAdam, or torch_adam")
+    p.add_argument("--json", default="bench_sharded.json", help="where to write the results")
