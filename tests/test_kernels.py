@@ -136,6 +136,51 @@ def test_sinkhorn_scales_whole_matrix(shape, dtype):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [(0, R), (3, 20), (7, 8), (5, 5), (0, 1)])
+def test_sinkhorn_sweep_on_whole_rows(rows, dtype):
+    """One sweep per iteration over a fragment of whole rows [r0, r1): bit for bit the two
+    passes (sq_sums by rows, rescale, sq_sums by columns) of the phase-by-phase path, within
+    1e-6 of the reference, and the flag of exactly the non-finite gradients."""
+    r0, r1 = rows
+    gen = torch.Generator().manual_seed(9)
+    g = torch.randn((r1 - r0) * C, generator=gen).to(dtype)
+    if r1 - r0 > 2:
+        g[C:2 * C] = 0  # a zero row keeps its scale
+    r_fast, r_ref, r_two = (torch.ones(R) for _ in range(3))
+    c = c_ref = c_two = torch.ones(C)
+    for it in range(4):
+        cols, bad = ops.sinkhorn_sweep_(g, r_fast[r0:r1], None if it == 0 else c, C, 1.5, 1e-8,
+                                        it == 0)
+        c = ops.sinkhorn_rescale(c, cols, 0.5, 1e-8)
+        cols_ref, _ = ops.reference.sinkhorn_sweep_(g, r_ref[r0:r1], c_ref, C, 1.5, 1e-8, False)
+        c_ref = ops.reference.sinkhorn_rescale(c_ref, cols_ref, 0.5, 1e-8)
+        rs = ops.sq_sums(g, None, c_two, R, C, r0 * C, 1)
+        r_two = ops.sinkhorn_rescale(r_two, rs, 1.5, 1e-8)
+        c_two = ops.sinkhorn_rescale(c_two, ops.sq_sums(g, r_two, None, R, C, r0 * C, 0), 0.5,
+                                     1e-8)
+        assert bad.item() == 0.0
+    assert torch.equal(r_fast, r_two) and torch.equal(c, c_two)
+    torch.testing.assert_close(r_fast, r_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(c, c_ref, rtol=1e-6, atol=0)
+    for name, bad_g, flagged in nonfinite_cases(g.numel(), dtype, gen):
+        _, flag = ops.sinkhorn_sweep_(bad_g, torch.ones(r1 - r0), None, C, 1.0, 1e-8, True)
+        assert flag.item() == float(flagged), name
+        _, unchecked = ops.sinkhorn_sweep_(bad_g, torch.ones(r1 - r0), None, C, 1.0, 1e-8, False)
+        assert unchecked.item() == 0.0
+
+
+@needs_ext
+def test_sinkhorn_sweep_refuses_a_fragment_that_is_not_whole_rows():
+    with pytest.raises(RuntimeError, match="not whole rows of 67 columns"):
+        torch.ops.sage_dist.sinkhorn_sweep_(torch.ones(70), torch.ones(1), None, C, 1.0, 1e-8,
+                                            True)
+    with pytest.raises(RuntimeError, match="r has 3 entries"):
+        torch.ops.sage_dist.sinkhorn_sweep_(torch.ones(2 * C), torch.ones(3), None, C, 1.0, 1e-8,
+                                            True)
+
+
 def same(a, b):
     """Bit-for-bit equal values (NaN equal to NaN)."""
     return a.shape == b.shape and a.dtype == b.dtype and bool(
@@ -615,6 +660,10 @@ def opcheck_cases():
     yield "sinkhorn_scales", (inputs(0, R * C, torch.bfloat16)["grad"], R, C, 1, 1e-8, 2.0, 0.5)
     yield "round_bf16_", (torch.empty(120, dtype=torch.bfloat16), t["grad"][:120].clone(), 7, 45)
     yield "colsum_abs_check", (t["grad"], C, 45)
+    whole_rows = inputs(0, R * C, torch.float32)["grad"][2 * C:9 * C]
+    yield "sinkhorn_sweep_", (whole_rows, torch.ones(7), None, C, 1.0, 1e-8, True)
+    yield "sinkhorn_sweep_", (inputs(0, R * C, torch.bfloat16)["grad"][:3 * C], torch.ones(3),
+                              t["c"], C, 2.0, 1e-8, False)
     yield "colsum_abs_check", (tb["grad"], C, 70)
     w = [inputs(0, R * C, torch.float32)["grad"], inputs(0, 40, torch.bfloat16, seed=2)["grad"]]
     yield "sinkhorn_scales_multi_", (w, [torch.empty(R), torch.empty(8)],

@@ -428,6 +428,44 @@ uint32_t sinkhorn_parallel(const cpu::Kernels& kern, const Whole& w, int64_t ite
   return bits.nonfinite() ? cpu::kNonfiniteBits : 0u;
 }
 
+// One iteration of sinkhorn_sweep over a fragment of whole rows (rows complete locally, the
+// column partials to be all-reduced): the chunks (isa.h) counted from the fragment's first row,
+// as sq_sums counts them, spread over the threads; r is updated in place, row by row.
+std::tuple<at::Tensor, at::Tensor> sinkhorn_sweep_cpu(const at::Tensor& grad, at::Tensor& r,
+                                                      const std::optional<at::Tensor>& c,
+                                                      int64_t C, double row_target, double eps,
+                                                      bool check) {
+  check_sinkhorn_sweep_args(grad, r, c, C, eps, kCPU);
+  const auto f32 = grad.options().dtype(at::kFloat);
+  at::Tensor cols = at::empty({C}, f32);
+  const int64_t R = grad.numel() / C;
+  if (R == 0) return {cols.zero_(), at::zeros({1}, f32)};  // a rank that holds no rows
+  const cpu::Kernels& kern = cpu::kernels();
+  const int64_t K = cpu::rows_per_chunk(C);
+  const int64_t chunks = (R + K - 1) / K;
+  const int threads = threads_for(chunks, grad.numel());
+  std::vector<double> part(static_cast<size_t>(chunks * C), 0.0);
+  std::vector<float> acc(static_cast<size_t>(threads * C));
+  BitsPerThread bits(threads);
+  const void* g = grad.const_data_ptr();
+  const bool bf16 = grad.scalar_type() == at::kBFloat16;
+  const float* cp = opt_ptr(c);
+  float* rp = r.data_ptr<float>();
+  parallel_tasks_on(threads, chunks, [&](int64_t k, int slot) {
+    const int64_t i0 = k * K;
+    kern.sinkhorn_sweep(g, bf16, C, i0, std::min(R, i0 + K), cp, rp,
+                        static_cast<float>(row_target), static_cast<float>(eps),
+                        acc.data() + slot * C, part.data() + k * C,
+                        check ? bits.at(slot) : nullptr);
+  });
+  float* out = cols.data_ptr<float>();
+  std::vector<double> total(part.begin(), part.begin() + C);
+  for (int64_t k = 1; k < chunks; ++k)
+    for (int64_t j = 0; j < C; ++j) total[j] += part[k * C + j];
+  for (int64_t j = 0; j < C; ++j) out[j] = static_cast<float>(total[j]);
+  return {cols, at::full({1}, check && bits.nonfinite() ? 1.0 : 0.0, f32)};
+}
+
 // A matrix is done by one thread when it is small enough to stay in that core's cache and
 // there are others to keep the remaining threads busy; larger ones spread their sweeps.
 constexpr int64_t kSerialMax = int64_t{1} << 21;  // elements (8 MB of fp32)
@@ -623,6 +661,7 @@ TORCH_LIBRARY_IMPL(sage_dist, CPU, m) {
   m.impl("sage_update_multi_", &sage_update_multi_cpu);
   m.impl("sinkhorn_rescale", &sinkhorn_rescale_cpu);
   m.impl("sinkhorn_scales", &sinkhorn_scales_cpu);
+  m.impl("sinkhorn_sweep_", &sinkhorn_sweep_cpu);
   m.impl("sinkhorn_scales_multi_", &sinkhorn_scales_multi_cpu);
   m.impl("sinkhorn_update_multi_", &sinkhorn_update_multi_cpu);
   m.impl("momentum_scaled_update_", &momentum_scaled_update_cpu);

@@ -183,6 +183,22 @@ def sinkhorn_scales(grad, R, C, iters, eps, row_target, col_target):
 
 
 @torch.no_grad()
+def sinkhorn_sweep_(grad, r, c, C, row_target, eps, check):
+    """One iteration on a fragment of whole rows: r <- the rows' new scales (in place), then
+    (the fragment's column sums of (g r)^2, [1.] if check and grad is not finite, else [0.])."""
+    R = grad.numel() // C
+    if R * C != grad.numel():
+        raise RuntimeError(f"sage_dist::sinkhorn_sweep_: grad has {grad.numel()} elements, not "
+                           f"whole rows of {C} columns")
+    if R == 0:
+        return grad.new_zeros(C, dtype=torch.float32), grad.new_zeros(1, dtype=torch.float32)
+    rows = sq_sums(grad, None, c, R, C, 0, 1)
+    r.copy_(sinkhorn_rescale(r, rows, row_target, eps))
+    flag = nonfinite(grad) if check else grad.new_zeros(1, dtype=torch.float32)
+    return sq_sums(grad, r, None, R, C, 0, 0), flag
+
+
+@torch.no_grad()
 def sinkhorn_scales_multi_(grads, rs, cs, flags, Rs, Cs, row_targets, col_targets, iters,
                            eps) -> None:
     """sinkhorn_scales of every whole matrix into rs[i], cs[i]; flags[i] <- nonfinite(grads[i])."""

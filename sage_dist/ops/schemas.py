@@ -55,6 +55,12 @@ SCHEMAS = {
     # Every iteration of a WHOLE [R, C] matrix held by one process: (r, c).
     "sinkhorn_scales": "sinkhorn_scales(Tensor grad, int R, int C, int iters, float eps, "
                        "float row_target, float col_target) -> (Tensor, Tensor)",
+    # One iteration over a fragment of WHOLE rows (FSDP2): each row's sum of (g c)^2 (c None:
+    # ones), its new scale into r (the fragment's rows, in place), then the fragment's column
+    # sums of (g r)^2 with the new scales (to be all-reduced), and, with check, [1.] if grad
+    # holds a NaN or an Inf (else [0.]). The numbers of sq_sums + sinkhorn_rescale, in one pass.
+    "sinkhorn_sweep_": "sinkhorn_sweep_(Tensor grad, Tensor(a!) r, Tensor? c, int C, "
+                       "float row_target, float eps, bool check) -> (Tensor, Tensor)",
     # sinkhorn_scales of many whole matrices in one call, into rs[i], cs[i]; flags[i] ([1]) <-
     # 1 if grads[i] holds a NaN or an Inf, else 0.
     "sinkhorn_scales_multi_": "sinkhorn_scales_multi_(Tensor[] grads, Tensor(a!)[] rs, "
@@ -91,6 +97,8 @@ FAKE_OUTPUTS = {
     "colsum_abs": lambda grad, C, start: grad.new_empty((C,), **_f32),
     "colsum_abs_check": lambda grad, C, start: (grad.new_empty((C,), **_f32),
                                                 grad.new_empty((1,), **_f32)),
+    "sinkhorn_sweep_": lambda grad, r, c, C, row_target, eps, check: (
+        grad.new_empty((C,), **_f32), grad.new_empty((1,), **_f32)),
     "sq_sums": lambda grad, r, c, R, C, start, dim, m=None, beta=0.0:
         grad.new_empty((C if dim == 0 else R,), **_f32),
     "sinkhorn_rescale": lambda scale, s, target, eps: torch.empty_like(scale),

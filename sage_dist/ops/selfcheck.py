@@ -121,6 +121,8 @@ def _cases(t: dict) -> dict:
                                         [t["h"], t["h"]], [C, C], [START, 0], *sage, False),
                                        (0, 1)),
         "colsum_abs_check": lambda: ((t["grad"], C, START), ()),
+        "sinkhorn_sweep_": lambda: ((t["whole"][C:], cp(t["r"][1:]), t["c"], C, 1.5, 1e-8, True),
+                                    (1,)),
         "sinkhorn_scales_multi_": lambda: (
             ([t["whole"], t["whole"][:R * 4]], [t["whole"].new_empty(R), t["whole"].new_empty(R)],
              [t["whole"].new_empty(C), t["whole"].new_empty(4)],

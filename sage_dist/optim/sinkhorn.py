@@ -13,6 +13,7 @@ import torch
 
 from .. import ops
 from .base import Rule, check_iters, check_lr, check_nonneg, check_positive
+from .batch import has_kernel
 
 
 def sinkhorn_scales(f, g: torch.Tensor, iters: int, eps: float, row_target: float,
@@ -23,13 +24,25 @@ def sinkhorn_scales(f, g: torch.Tensor, iters: int, eps: float, row_target: floa
     once, empty (to take part in the engine's first phase, which checks the gradient), then
     runs all L iterations in one native call while g is still in cache, instead of one pass
     per phase. Both paths run the same kernels and agree bit for bit. (The rule prefers the
-    engine's batch of whole matrices, `SinkhornRule.run`; this is the path without it.)"""
+    engine's batch of whole matrices, `SinkhornRule.run`; this is the path without it.) A
+    fragment of whole rows yields once per iteration (the column sums), the rows being local."""
     R, C, start = f.rows, f.cols, f.span.start
     if f.whole:
         yield []
         return ops.sinkhorn_scales(g, R, C, iters, eps, row_target, col_target)
     r = torch.ones(R, dtype=torch.float32, device=g.device)
     c = torch.ones(C, dtype=torch.float32, device=g.device)
+    if f.rows_local and has_kernel("sinkhorn_sweep_", g.device.type):
+        # Whole rows here (FSDP2): one sweep per iteration gives the rows' new scales and the
+        # column partials, the first also the finiteness flag; one all-reduce per iteration.
+        # The same numbers as the two passes below.
+        mine = r[start // C:(start + g.numel()) // C]
+        for it in range(iters):
+            cols, bad = ops.sinkhorn_sweep_(g, mine, None if it == 0 else c, C, row_target,
+                                            eps, it == 0)
+            (cols,) = yield ([("nonfinite", bad)] if it == 0 else []) + [("col", cols)]
+            c = ops.sinkhorn_rescale(c, cols, col_target, eps)
+        return r, c
     for _ in range(iters):
         (rows,) = yield [("row", ops.sq_sums(g, None, c, R, C, start, 1))]
         r = ops.sinkhorn_rescale(r, rows, row_target, eps)

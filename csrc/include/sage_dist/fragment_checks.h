@@ -59,6 +59,21 @@ inline void check_sinkhorn_scales_args(const at::Tensor& grad, int64_t R, int64_
   TORCH_CHECK(eps > 0, op, ": eps=", eps, " is invalid; allowed: eps > 0");
 }
 
+// One Sinkhorn sweep over a fragment of whole rows (FSDP2's Shard(0)): r holds the scales of
+// exactly its rows and is written in place; c is the current column scales or none (ones).
+inline void check_sinkhorn_sweep_args(const at::Tensor& grad, const at::Tensor& r,
+                                      const std::optional<at::Tensor>& c, int64_t C, double eps,
+                                      c10::DeviceType dev) {
+  constexpr const char* op = "sage_dist::sinkhorn_sweep_";
+  check_fragment_tensor(grad, "grad", grad, op, "grad", dev);
+  TORCH_CHECK(C >= 1, op, ": C=", C, " is invalid; allowed: C >= 1");
+  TORCH_CHECK(grad.numel() % C == 0, op, ": grad has ", grad.numel(), " elements, not whole "
+              "rows of ", C, " columns (the sweep needs a fragment of whole rows)");
+  check_scale_vector(grad, r, grad.numel() / C, op, "r", dev);
+  if (c) check_scale_vector(grad, *c, C, op, "c", dev);
+  TORCH_CHECK(eps > 0, op, ": eps=", eps, " is invalid; allowed: eps > 0");
+}
+
 inline void check_sage_update_args(const at::Tensor& param, const at::Tensor& m,
                                    const at::Tensor& grad, const at::Tensor& h, int64_t C,
                                    int64_t start, c10::DeviceType dev) {
