@@ -125,3 +125,7 @@ scaled_update_multi_ = _public("scaled_update_multi_")
 sage_update_multi_ = _public("sage_update_multi_")
 round_bf16_ = _public("round_bf16_")
 OPS = tuple(SCHEMAS)
+# Fused forms with a CPU kernel only (docs/KERNELS.md): the rules use them where
+# has_kernel(op, device) says so and otherwise run the ops they fuse, with the same results.
+CPU_ONLY = ("colsum_abs_check", "sinkhorn_sweep_", "sinkhorn_scales_multi_",
+            "sinkhorn_update_multi_")
