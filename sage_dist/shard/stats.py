@@ -27,21 +27,18 @@ class StatsReducer:
 
     def all_reduce(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sum each tensor across the group with ONE collective; returns tensors of the same sizes."""
-        if self.group is None or not parts:
-            return parts
-        flat = torch.cat([p.reshape(-1).float() for p in parts])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-        self.floats += flat.numel()
-        self.collectives += 1
-        return list(torch.split(flat, [p.numel() for p in parts]))
+        return self._collective(parts, dist.ReduceOp.SUM, self.group)
 
     def agree(self, flags: list[torch.Tensor]) -> list[torch.Tensor]:
         """The maximum of each one-element finiteness flag over the replicas (one collective,
         HSDP only): a gradient non-finite on any replica counts as non-finite on all."""
-        if self.replicas is None or not flags:
-            return flags
-        flat = torch.cat([f.reshape(-1).float() for f in flags])
-        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.replicas)
+        return self._collective(flags, dist.ReduceOp.MAX, self.replicas)
+
+    def _collective(self, parts, op, group) -> list[torch.Tensor]:
+        if group is None or not parts:
+            return parts
+        flat = torch.cat([p.reshape(-1).float() for p in parts])
+        dist.all_reduce(flat, op=op, group=group)
         self.floats += flat.numel()
         self.collectives += 1
-        return list(flat.split(1))
+        return list(torch.split(flat, [p.numel() for p in parts]))
