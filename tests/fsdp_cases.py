@@ -339,8 +339,9 @@ def nan_in_one_shard(rank, world, mesh_shape, recipe, steps, nan_step, nan_rank,
                     error = str(e)
                 return dict(error=error, at=time.time(), waited=time.time() - t0)
             skip = (target,)
-            before = {n: p.full_tensor() for n, p in model.named_parameters()}
-            state_before = {k: _full(v) for k, v in opt.state[target].items()}
+            # clones: a DTensor on a shard dimension of size 1 gives its local tensor itself
+            before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+            state_before = {k: _full(v).clone() for k, v in opt.state[target].items()}
         oracle.step(skip)
         if skip:
             unchanged = sorted(n for n, p in model.named_parameters()

@@ -120,12 +120,17 @@ NAN_SPECS = {  # mesh: (label, recipe, parameter, the rank whose shard gets the 
               ("scale", "scale", DENSE, 0, "skip"), ("raise", "sage-hybrid", DENSE, 1, "raise")],
     "hsdp2x2": [("dense", "sage-hybrid", DENSE, 3, "skip"), ("embedding", "sinkgd-hybrid", EMBED, 2, "skip"),
                 ("raise", "sage-hybrid", DENSE, 3, "raise")],
+    # shard dimension 1: every rank holds whole matrices, replicas still must agree
+    "hsdp2x1": [("dense", "sage-hybrid", DENSE, 1, "skip"), ("sinkgd", "sinkgd-hybrid", DENSE, 0, "skip"),
+                ("raise", "sage-hybrid", DENSE, 1, "raise")],
 }
+NAN_MESHES = dict(MESHES, hsdp2x1=(2, 1))
 
 
 @pytest.fixture(scope="module")
 def nan_results():
-    return {mesh: run(cases.nan_cases, 4 if mesh == "hsdp2x2" else 2, MESHES[mesh], specs)
+    import math
+    return {mesh: run(cases.nan_cases, math.prod(NAN_MESHES[mesh]), NAN_MESHES[mesh], specs)
             for mesh, specs in NAN_SPECS.items()}
 
 

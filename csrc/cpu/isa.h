@@ -11,9 +11,9 @@
 // (the "canonical" order below), and the updates are per element.
 //
 // Canonical sums (all terms >= 0):
-//   row sum of one row segment: term j goes to fp32 lane j % 16; each lane adds 8 terms
-//     in fp32, then its fp32 partial is added to a double lane; the 16 double lanes are
-//     added in lane order at the end.
+//   row sum of one row segment: term j goes to fp32 lane j % 32 (two 16-lane vectors); each
+//     lane adds 8 terms in fp32, then its fp32 partial is added to a double lane; the 32
+//     double lanes are added as a tree at the end (lane l + lane l + 16, then + 8, 4, 2, 1).
 //   column sums over the rows of a fragment: the rows are cut into chunks of
 //     rows_per_chunk(C) rows (counted from the fragment's first row), each chunk into
 //     blocks of 8 rows; a block adds its rows per column in fp32, in row order; the block

@@ -9,7 +9,9 @@
 
 #include "isa.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// GCC only: clang ignores `#pragma GCC target`, and its intrinsics then refuse to compile
+// (clang builds run the generic loops).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
 
 #pragma GCC push_options

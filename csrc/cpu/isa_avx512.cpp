@@ -11,7 +11,9 @@
 
 #include "isa.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// GCC only: clang ignores `#pragma GCC target`, and its intrinsics then refuse to compile
+// (clang builds run the generic loops).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // GCC 12 warns about the _mm512_undefined_* operands inside its own intrinsics.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"

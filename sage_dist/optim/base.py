@@ -5,6 +5,9 @@ A rule's `run` is a generator. Each `yield` hands the engine a list of partial s
 them across ranks (one all-reduce for all parameters of the phase) and sends back the complete
 sums. A rule changes parameters and state only after its FIRST yield has been answered, so the
 engine can skip (or refuse) a parameter whose gradient is not finite before anything moves.
+(One exception, optim/batch.py: with nonfinite='skip' and no replicas to agree with, a whole
+matrix is updated in the first phase's flush exactly when its own gradient is finite, which is
+what the engine decides then.)
 Rules see fp32 flat tensors; the engine upcasts low-precision storage and writes it back.
 Element-wise updates go to `out` (an optim.batch.UpdateBatch), which the engine runs as
 multi-tensor calls at the end of the phase.

@@ -10,10 +10,10 @@ fragments back to their storage.
 Whole matrices (`whole_sinkhorn`): a rule may queue in its first phase the whole Sinkhorn of a
 matrix that one process holds; the engine flushes that phase before it reads the finiteness
 flags, so all such matrices of a step run in one native call that spreads them over the
-threads. With `fuse_whole_updates` (the engine's nonfinite='skip', where a parameter's fate
-depends on its own gradient only) the same call also updates each matrix whose gradient is
-finite, right after its scales, while the gradient is in cache; otherwise the call returns
-the scales and the rule issues the update once the flags are known.
+threads. With `fuse_whole_updates` (the engine's nonfinite='skip' with no HSDP replicas,
+where a parameter's fate depends on its own gradient only) the same call also updates each
+matrix whose gradient is finite, right after its scales, while the gradient is in cache;
+otherwise the call returns the scales and the rule issues the update once the flags are known.
 """
 from __future__ import annotations
 

@@ -297,7 +297,9 @@ class RoutedOptimizer(torch.optim.Optimizer):
         # the rule's own ("nonfinite", flag) when its first pass over g checked it, else one
         # aminmax pass here. What the rules queued in phase 0 (whole matrices, optim/batch.py;
         # in skip mode with their updates) runs before the flags are read.
-        batch.fuse_whole_updates = self.nonfinite == "skip"
+        # Only where a parameter's fate is its own gradient's: not when replicas (HSDP) must
+        # agree on the flags first, since a replica may see a NaN that this one does not.
+        batch.fuse_whole_updates = self.nonfinite == "skip" and self.layout.reducer.replicas is None
         requests = []
         for f, p, gen, g, *_ in runs:
             req = next(gen)
