@@ -13,8 +13,8 @@ Trainer and Accelerate included); `unregister()` undoes it (docs/INTEGRATIONS.md
 """
 from __future__ import annotations
 
+import base64
 import copy
-import json
 import os
 
 from .optim.optimizer import RoutedOptimizer
@@ -43,15 +43,37 @@ def our_recipe(type_name: str) -> str | None:
 
 
 def load_config(config) -> dict:
-    if isinstance(config, (str, os.PathLike)):
-        with open(config) as f:
-            return json.load(f)
+    """A DeepSpeed config as DeepSpeed reads it: a dict (copied), a path to a JSON/HJSON file,
+    or a base64 string of one."""
+    import hjson  # DeepSpeed's own config reader (a DeepSpeed dependency)
+
     if isinstance(config, dict):
         return copy.deepcopy(config)
-    raise ValueError(f"config={config!r}: allowed is a path to a DeepSpeed JSON file or a dict")
+    if isinstance(config, (str, os.PathLike)):
+        if os.path.exists(config):
+            with open(config) as f:
+                try:
+                    return hjson.load(f, object_pairs_hook=dict)
+                except hjson.HjsonDecodeError as e:
+                    raise ValueError(f"{os.fspath(config)} is not valid JSON ({e})") from None
+        try:
+            return hjson.loads(base64.urlsafe_b64decode(str(config)).decode("utf-8"),
+                               object_pairs_hook=dict)
+        except (ValueError, UnicodeDecodeError, hjson.HjsonDecodeError):
+            pass
+    raise ValueError(f"config={config!r}: allowed is a path to a DeepSpeed JSON file, a dict, or "
+                     f"a base64 string of a DeepSpeed config")
 
 
-def _check_supported(model, cfg: dict) -> None:
+def _check_supported(model, cfg: dict, mpu=None) -> None:
+    tp = (cfg.get("tensor_parallel", {}) or {}).get("autotp_size", 1)
+    mp = mpu.get_model_parallel_world_size() if hasattr(mpu, "get_model_parallel_world_size") \
+        else 1
+    if (tp not in (None, "auto") and int(tp) > 1) or mp > 1:
+        raise NotImplementedError(
+            f"tensor_parallel.autotp_size={tp}, model-parallel world size {mp}: sage_dist "
+            f"optimizers under DeepSpeed need whole matrices per data-parallel group (tensor "
+            f"slices would give wrong row and column statistics); allowed: 1")
     try:
         from deepspeed.pipe import PipelineModule
     except ImportError:  # pragma: no cover
@@ -104,7 +126,7 @@ def _initialize(ds_init, call: dict):
     if recipe is None and not isinstance(client, RoutedOptimizer):
         _refuse_swapped(client)
         return ds_init(**call)     # not ours: DeepSpeed's own business, untouched
-    _check_supported(model, cfg)
+    _check_supported(model, cfg, call.get("mpu"))
     _check_offload(cfg, named=recipe is not None)
     if recipe is not None:
         if client is not None:
@@ -186,6 +208,11 @@ def _check_offload(cfg: dict, named: bool) -> None:
     off = cfg.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
     if off.get("device") in (None, "none"):
         return
+    if off.get("device") != "cpu":
+        raise ValueError(
+            f"zero_optimization.offload_optimizer.device={off['device']!r}: allowed with sage_dist "
+            f"optimizers are 'cpu' and 'none' (DeepSpeed's NVMe swapper sizes every state "
+            f"tensor as the flat partition, which our per-column state is not)")
     force = cfg.get(FORCE_CPU_KEY, None if named else True)
     if force in (None, False, "false"):
         cfg[FORCE_CPU_KEY] = False
@@ -215,6 +242,7 @@ def _refuse_swapped(optimizer) -> None:
 # -- register(): make deepspeed.initialize itself route our recipes ----------------------------
 _DEPTH = 0
 PATCH_MARK = "_sage_dist_original"
+_WRAPPER = None   # the function register() installed (unregister() restores only that one)
 
 
 def register() -> None:
@@ -236,11 +264,20 @@ def register() -> None:
     @functools.wraps(original)
     def initialize(*args, **kwargs):
         import inspect
-        call = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+        try:
+            sig = inspect.signature(inspect.unwrap(original))
+            call = sig.bind_partial(*args, **kwargs).arguments
+        except (TypeError, ValueError):
+            return original(*args, **kwargs)   # DeepSpeed's own error for its own arguments
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+            if args:                           # a patch above DeepSpeed's with its own signature
+                return original(*args, **kwargs)
+            call = kwargs
         return _initialize(original, dict(call))
 
+    global _WRAPPER
     setattr(initialize, PATCH_MARK, original)
-    deepspeed.initialize = initialize
+    deepspeed.initialize = _WRAPPER = initialize
 
 
 def unregister() -> bool:
@@ -248,10 +285,9 @@ def unregister() -> bool:
     patched (or was patched again by someone else after us, which is then left alone)."""
     import deepspeed
 
-    original = getattr(deepspeed.initialize, PATCH_MARK, None)
-    if original is None:
+    if _WRAPPER is None or deepspeed.initialize is not _WRAPPER:
         return False
-    deepspeed.initialize = original
+    deepspeed.initialize = getattr(_WRAPPER, PATCH_MARK)
     return True
 
 

@@ -312,3 +312,74 @@ def test_the_example_runs_under_torchrun(flags, layout, tmp_path):
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"sage-hybrid on {layout} layout: train loss" in p.stdout, p.stdout[-3000:]
+
+
+def test_configs_deepspeed_reads_are_read_too(tmp_path):
+    """HJSON files (comments) and base64 strings, as DeepSpeed accepts them: a type that is
+    not ours passes through, ours is routed."""
+    import base64
+
+    seen = {}
+    fake = lambda **call: seen.update(call) or ("engine", None, None, None)
+    path = tmp_path / "ds.json"
+    path.write_text('{\n  // plain Adam\n  "optimizer": {"type": "Adam", "params": {"lr": 1e-3},},\n}\n')
+    sdds._initialize(fake, dict(model=_model(), config=str(path)))
+    assert seen["config"] == str(path)
+    encoded = base64.urlsafe_b64encode(b'{"optimizer": {"type": "sgae"}}').decode()
+    with pytest.raises(ValueError, match="'sgae' is not a known optimizer"):
+        sdds._initialize(fake, dict(model=_model(), config=encoded))
+    with pytest.raises(ValueError, match="allowed is a path to a DeepSpeed JSON file, a dict"):
+        sdds.load_config("no-such-file.json")
+
+
+def test_unregister_leaves_a_later_patch_alone():
+    import functools
+
+    import deepspeed
+    sdds.unregister()
+    bare = deepspeed.initialize
+    sdds.register()
+    ours = deepspeed.initialize
+
+    @functools.wraps(ours)          # another library's patch above ours (copies our marker)
+    def theirs(*args, **kwargs):
+        return ours(*args, **kwargs)
+
+    deepspeed.initialize = theirs
+    try:
+        assert not sdds.unregister() and deepspeed.initialize is theirs
+    finally:
+        deepspeed.initialize = ours
+    assert sdds.unregister() and deepspeed.initialize is bare
+
+
+def test_a_plain_patch_below_ours_still_gets_every_call(patched):
+    import deepspeed
+    sdds.unregister()
+    bare, calls = deepspeed.initialize, []
+
+    def plain(*args, **kwargs):     # no functools.wraps: its signature is (*args, **kwargs)
+        calls.append((args, kwargs))
+        return "engine", None, None, None
+
+    deepspeed.initialize = plain
+    try:
+        sdds.register()
+        deepspeed.initialize(model="m", config={"zero_optimization": {"stage": 1}})
+        deepspeed.initialize(None, "m")
+        assert calls == [((), {"model": "m", "config": {"zero_optimization": {"stage": 1}}}),
+                         ((None, "m"), {})]
+    finally:
+        sdds.unregister()
+        deepspeed.initialize = bare
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ({"tensor_parallel": {"autotp_size": 2}}, "autotp_size=2"),
+    ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}},
+     "device='nvme': allowed with sage_dist optimizers are 'cpu' and 'none'"),
+])
+def test_refusals_of_what_the_layouts_cannot_do(patched, cfg, message):
+    import deepspeed
+    with pytest.raises((ValueError, NotImplementedError), match=message):
+        deepspeed.initialize(model=_model(), config=dict(cfg, optimizer={"type": "sage-hybrid"}))

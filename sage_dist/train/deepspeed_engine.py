@@ -11,7 +11,6 @@ sage_dist.shard.zero.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ def deepspeed_json(cfg: TrainConfig, world: int) -> dict:
     path = C.find("deepspeed_config", cfg.deepspeed_config, "deepspeed")
     try:
         ds = load_config(str(path))
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # (a file that JSON/HJSON cannot parse)
         raise ConfigError(f"deepspeed_config={cfg.deepspeed_config!r} is not valid JSON ({e})") \
             from None
     micro = cfg.micro_batch(world)
