@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import os
 
 from .optim.optimizer import RoutedOptimizer
@@ -52,15 +53,24 @@ def load_config(config) -> dict:
     if isinstance(config, (str, os.PathLike)):
         if os.path.exists(config):
             with open(config) as f:
+                text = f.read()
+        else:
+            try:
+                text = base64.urlsafe_b64decode(str(config)).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                text = None
+        cfg = None
+        if text is not None:
+            try:   # JSON first: hjson reads 1.0 as the int 1
+                cfg = json.loads(text)
+            except ValueError:
                 try:
-                    return hjson.load(f, object_pairs_hook=dict)
+                    cfg = hjson.loads(text, object_pairs_hook=dict)
                 except hjson.HjsonDecodeError as e:
-                    raise ValueError(f"{os.fspath(config)} is not valid JSON ({e})") from None
-        try:
-            return hjson.loads(base64.urlsafe_b64decode(str(config)).decode("utf-8"),
-                               object_pairs_hook=dict)
-        except (ValueError, UnicodeDecodeError, hjson.HjsonDecodeError):
-            pass
+                    if os.path.exists(config):
+                        raise ValueError(f"{os.fspath(config)} is not valid JSON ({e})") from None
+        if isinstance(cfg, dict):
+            return cfg
     raise ValueError(f"config={config!r}: allowed is a path to a DeepSpeed JSON file, a dict, or "
                      f"a base64 string of a DeepSpeed config")
 
