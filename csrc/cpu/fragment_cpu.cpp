@@ -438,31 +438,20 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_sweep_cpu(const at::Tensor& grad, at
   check_sinkhorn_sweep_args(grad, r, c, C, eps, kCPU);
   const auto f32 = grad.options().dtype(at::kFloat);
   at::Tensor cols = at::empty({C}, f32);
-  const int64_t R = grad.numel() / C;
-  if (R == 0) return {cols.zero_(), at::zeros({1}, f32)};  // a rank that holds no rows
   const cpu::Kernels& kern = cpu::kernels();
-  const int64_t K = cpu::rows_per_chunk(C);
-  const int64_t chunks = (R + K - 1) / K;
-  const int threads = threads_for(chunks, grad.numel());
-  std::vector<double> part(static_cast<size_t>(chunks * C), 0.0);
-  std::vector<float> acc(static_cast<size_t>(threads * C));
-  BitsPerThread bits(threads);
+  BitsPerThread bits(std::max(1, at::get_num_threads()));
   const void* g = grad.const_data_ptr();
   const bool bf16 = grad.scalar_type() == at::kBFloat16;
   const float* cp = opt_ptr(c);
   float* rp = r.data_ptr<float>();
-  parallel_tasks_on(threads, chunks, [&](int64_t k, int slot) {
-    const int64_t i0 = k * K;
-    kern.sinkhorn_sweep(g, bf16, C, i0, std::min(R, i0 + K), cp, rp,
-                        static_cast<float>(row_target), static_cast<float>(eps),
-                        acc.data() + slot * C, part.data() + k * C,
-                        check ? bits.at(slot) : nullptr);
-  });
-  float* out = cols.data_ptr<float>();
-  std::vector<double> total(part.begin(), part.begin() + C);
-  for (int64_t k = 1; k < chunks; ++k)
-    for (int64_t j = 0; j < C; ++j) total[j] += part[k * C + j];
-  for (int64_t j = 0; j < C; ++j) out[j] = static_cast<float>(total[j]);
+  // rows [i0, i1) of the fragment (start 0): r is indexed by them as well
+  chunked_column_sums(grad.numel(), C, 0, cols.data_ptr<float>(),
+                      [&](int64_t i0, int64_t i1, float* acc32, double* out64, int slot) {
+                        kern.sinkhorn_sweep(g, bf16, C, i0, i1, cp, rp,
+                                            static_cast<float>(row_target),
+                                            static_cast<float>(eps), acc32, out64,
+                                            check ? bits.at(slot) : nullptr);
+                      });
   return {cols, at::full({1}, check && bits.nonfinite() ? 1.0 : 0.0, f32)};
 }
 
