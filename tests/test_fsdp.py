@@ -56,9 +56,7 @@ def test_replicated_state_identical_and_elementwise_state_is_dtensor():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,exc,message", [
-    ("shard1", "NotImplementedError", "sharding on dim 1 is not supported"),
-    ("tp", "NotImplementedError", "tensor-parallel"),
-    ("two_meshes", "ValueError", "different device meshes"),
+    ("two_meshes", "ValueError", "different device meshes"),   # more in test_tp.py
 ])
 def test_bad_placements_fail_before_any_collective(case, exc, message):
     res = run(cases.bad_placements, 2, case, expect_error=True)

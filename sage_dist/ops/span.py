@@ -1,10 +1,17 @@
-"""A contiguous range of a row-major matrix, and the few reductions the rules need on it.
+"""What a rank holds of a row-major matrix, and the few reductions the rules need on it.
 
-Every layout the optimizers meet (a whole parameter, the local rows of an FSDP2 shard, a ZeRO
-flat slice that starts and ends mid-row) is a range [a, b) of the row-major flat index of a
-global [R, C] matrix. Such a range is at most three pieces: a partial first row (head), a block
-of whole rows (body) and a partial last row (tail). The functions here work piece by piece, so
-the whole-matrix case is just "body only" and costs nothing extra.
+Most layouts the optimizers meet (a whole parameter, the local rows of an FSDP2 shard, a ZeRO
+flat slice that starts and ends mid-row) are a range [a, b) of the row-major flat index of a
+global [R, C] matrix (`Span`). Such a range is at most three pieces: a partial first row
+(head), a block of whole rows (body) and a partial last row (tail). The functions here work
+piece by piece, so the whole-matrix case is just "body only" and costs nothing extra.
+
+Tensor parallelism also cuts columns: a rank then holds a block, rows [r0, r1) x columns
+[c0, c1), stored row-major (`BlockSpan`). The native ops take a range (C, start); a block is
+handed to them as the whole local [r1 - r0, c1 - c0] matrix (`op_args`), and the statistics
+they return are placed into, or the global vectors cut to, the block's rows and columns
+(`global_rows`, `global_cols`, `local_rows`, `local_cols`). On a range those four are the
+identity, so the rules call them everywhere at no cost.
 """
 from __future__ import annotations
 
@@ -101,6 +108,38 @@ class Span:
                 dst.copy_(blk)
         return out
 
+    # -- the ops' view of this span (a range is its own view) ----------------------------
+    is_block = False
+
+    @property
+    def op_args(self) -> tuple[int, int, int]:
+        """(R, C, start) to pass the native ops for the local values."""
+        return self.rows, self.cols, self.start
+
+    def global_rows(self, v: torch.Tensor) -> torch.Tensor:
+        """A length-R vector from per-row values the ops returned for this span."""
+        return v
+
+    def global_cols(self, v: torch.Tensor) -> torch.Tensor:
+        """A length-C vector from per-column values the ops returned for this span."""
+        return v
+
+    def local_rows(self, v: torch.Tensor) -> torch.Tensor:
+        """The part of a length-R vector the ops need for this span."""
+        return v
+
+    def local_cols(self, v: torch.Tensor) -> torch.Tensor:
+        """The part of a length-C vector the ops need for this span."""
+        return v
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This span's elements of the whole matrix's flat tensor, in local order."""
+        return full.reshape(-1)[self.start:self.end]
+
+    def row_starts(self):
+        """(local offset, global flat index, length) of each contiguous run of the span."""
+        return [(0, self.start, self.numel)] if self.numel else []
+
     def expand_col(self, col: torch.Tensor) -> torch.Tensor:
         """The per-column vector laid out over the span's elements."""
         ones = torch.ones(self.numel, dtype=col.dtype, device=col.device)
@@ -110,3 +149,58 @@ class Span:
         """The per-row vector laid out over the span's elements."""
         ones = torch.ones(self.numel, dtype=row.dtype, device=row.device)
         return self.scale(ones, row=row, out=ones)
+
+
+class BlockSpan(Span):
+    """Rows [r0, r1) x columns [c0, c1) of a global [R, C] matrix, stored row-major."""
+
+    is_block = True
+
+    def __init__(self, rows: int, cols: int, r0: int, r1: int, c0: int, c1: int):
+        if not (0 <= r0 <= r1 <= rows and 0 <= c0 <= c1 <= cols):
+            raise ValueError(f"block rows [{r0}, {r1}) x columns [{c0}, {c1}) is outside a "
+                             f"[{rows}, {cols}] matrix")
+        self.rows, self.cols = rows, cols
+        self.r0, self.r1, self.c0, self.c1 = r0, r1, c0, c1
+        n = (r1 - r0) * (c1 - c0)
+        # start/end bound the block in the global flat index (it is not contiguous).
+        self.start = r0 * cols + c0 if n else 0
+        self.end = self.start + ((r1 - r0 - 1) * cols + (c1 - c0) if n else 0)
+        self._numel = n
+        self.pieces = (Piece(0, r0, r1 - r0, c0, c1),) if n else ()
+
+    @property
+    def numel(self) -> int:
+        return self._numel
+
+    @property
+    def row_aligned(self) -> bool:
+        return self.c0 == 0 and self.c1 == self.cols
+
+    @property
+    def op_args(self) -> tuple[int, int, int]:
+        return self.r1 - self.r0, self.c1 - self.c0, 0
+
+    def global_rows(self, v):
+        out = torch.zeros(self.rows, dtype=v.dtype, device=v.device)
+        out[self.r0:self.r1] = v
+        return out
+
+    def global_cols(self, v):
+        out = torch.zeros(self.cols, dtype=v.dtype, device=v.device)
+        out[self.c0:self.c1] = v
+        return out
+
+    def local_rows(self, v):
+        return None if v is None else v[self.r0:self.r1].contiguous()
+
+    def local_cols(self, v):
+        return None if v is None else v[self.c0:self.c1].contiguous()
+
+    def take(self, full):
+        return full.reshape(self.rows, self.cols)[self.r0:self.r1, self.c0:self.c1].reshape(-1)
+
+    def row_starts(self):
+        w = self.c1 - self.c0
+        return [(i * w, (self.r0 + i) * self.cols + self.c0, w)
+                for i in range(self.r1 - self.r0)] if w else []

@@ -162,7 +162,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
             state[p] = {k: v for k, v in self.state[o].items()}
             for k in elem & set(state[p]):
                 t = layout.new_elementwise(p, state[p][k].dtype)
-                layout.local_flat(t).copy_(state[p][k].reshape(-1)[span.start:span.end])
+                layout.local_flat(t).copy_(span.take(state[p][k]))
                 state[p][k] = t
         self.layout = layout
         layout.attach(self)
@@ -251,7 +251,13 @@ class RoutedOptimizer(torch.optim.Optimizer):
             name = f"{next(k for k, g in enumerate(self.param_groups) if g is group)}:{name}"
         key = zlib.crc32(f"{name}/{what}".encode())
         seed = hash_seed(self.rounding_seed, group.get("round_step", 0), key)
-        ops.round_bf16_(dst, src, seed, f.span.start)
+        if not f.span.is_block:
+            ops.round_bf16_(dst, src, seed, f.span.start)
+            return
+        # A block (TP cuts columns) is a run of global flat indices per row: the same bits.
+        d, s = dst.view(-1), src.reshape(-1)
+        for off, start, n in f.span.row_starts():
+            ops.round_bf16_(d[off:off + n], s[off:off + n], seed, start)
 
     # -- accounting -----------------------------------------------------------------------
     def comm_stats(self) -> dict:
@@ -346,7 +352,8 @@ class RoutedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _reduce(runs, requests, reducer):
         """Complete every statistic of one phase with at most one collective."""
-        send = [t for (f, *_), req in zip(runs, requests) for kind, t in req
+        send = [t if f.contributes else torch.zeros_like(t)
+                for (f, *_), req in zip(runs, requests) for kind, t in req
                 if not f.is_local(kind)]
         summed = iter(reducer.all_reduce(send))
         return [[t if f.is_local(kind) else next(summed) for kind, t in req]

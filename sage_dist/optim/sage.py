@@ -31,19 +31,20 @@ class SAGERule(Rule):
         t = self.next_step(st)
         bc = 1 - beta2 ** t
         if f.is_matrix:
+            span = f.span
+            _, C, start = span.op_args          # the local block, if columns are cut (TP)
             if has_kernel("colsum_abs_check", g.device.type):
                 # The column sums and the engine's finiteness flag in one pass over g.
-                col_abs, bad = ops.colsum_abs_check(g, f.cols, f.span.start)
-                (col_abs,) = yield [("nonfinite", bad), ("col", col_abs)]
+                col_abs, bad = ops.colsum_abs_check(g, C, start)
+                (col_abs,) = yield [("nonfinite", bad), ("col", span.global_cols(col_abs))]
             else:
-                (col_abs,) = yield [("col", ops.colsum_abs(g, f.cols, f.span.start))]
+                (col_abs,) = yield [("col", span.global_cols(ops.colsum_abs(g, C, start)))]
             s = col_abs / f.rows                      # global row count, zero rows included
             S = st["S"].mul_(beta2).add_(s, alpha=1 - beta2)
             S_hat = S / bc
             sigma = S_hat.square().mean().sqrt()
             gamma = s.square().mean().sqrt()
-            H = sage_damper(S_hat, s, sigma, gamma, eps)       # per column, length C
-            C, start = f.cols, f.span.start
+            H = span.local_cols(sage_damper(S_hat, s, sigma, gamma, eps))  # per column
         else:
             absg = g.abs()
             S_new = st["S"] * beta2 + absg * (1 - beta2)

@@ -28,13 +28,17 @@ class ScaleNormRule(Rule):
         self.name, self.axis = name, axis
 
     def run(self, f, p, g, st, group, out):
+        span = f.span
+        lR, lC, lstart = span.op_args       # the local block, if columns are cut (TP)
         kind, count = ("row", f.cols) if self.axis == 1 else ("col", f.rows)
-        (sums,) = yield [(kind, ops.sq_sums(g, None, None, f.rows, f.cols, f.span.start,
-                                            self.axis))]
+        sums = ops.sq_sums(g, None, None, lR, lC, lstart, self.axis)
+        (sums,) = yield [(kind, span.global_rows(sums) if self.axis == 1
+                          else span.global_cols(sums))]
         scale = _inv_rms(sums, count, group["floor"])
-        row, col = (scale, None) if self.axis == 1 else (None, scale)
+        row, col = (span.local_rows(scale), None) if self.axis == 1 \
+            else (None, span.local_cols(scale))
         lr = group["lr"]
-        out.scaled(p, g, row, col, f.cols, f.span.start, lr, group["weight_decay"], lr)
+        out.scaled(p, g, row, col, lC, lstart, lr, group["weight_decay"], lr)
 
 
 class ScaleHeadRule(Rule):
@@ -50,12 +54,14 @@ class ScaleHeadRule(Rule):
     def run(self, f, p, g, st, group, out):
         # The new momentum is formed in registers in both passes; m is written by the update.
         beta = group["momentum"]
-        (rows,) = yield [("row", ops.sq_sums(g, None, None, f.rows, f.cols, f.span.start, 1,
-                                             st["m"], beta))]
+        span = f.span
+        lR, lC, lstart = span.op_args
+        (rows,) = yield [("row", span.global_rows(
+            ops.sq_sums(g, None, None, lR, lC, lstart, 1, st["m"], beta)))]
         scale = _inv_rms(rows, f.cols, group["floor"])
         lr = group["lr"]
-        ops.momentum_scaled_update_(p, st["m"], g, scale, None, f.cols, f.span.start, beta, lr,
-                                    group["weight_decay"], lr)
+        ops.momentum_scaled_update_(p, st["m"], g, span.local_rows(scale), None, lC, lstart,
+                                    beta, lr, group["weight_decay"], lr)
 
 
 class ScaleAdamWRule(Rule):

@@ -43,10 +43,14 @@ def sinkhorn_scales(f, g: torch.Tensor, iters: int, eps: float, row_target: floa
             (cols,) = yield ([("nonfinite", bad)] if it == 0 else []) + [("col", cols)]
             c = ops.sinkhorn_rescale(c, cols, col_target, eps)
         return r, c
+    span = f.span   # a block when tensor parallelism cuts the columns: the ops see it whole
+    lR, lC, lstart = span.op_args
     for _ in range(iters):
-        (rows,) = yield [("row", ops.sq_sums(g, None, c, R, C, start, 1))]
+        (rows,) = yield [("row", span.global_rows(
+            ops.sq_sums(g, None, span.local_cols(c), lR, lC, lstart, 1)))]
         r = ops.sinkhorn_rescale(r, rows, row_target, eps)
-        (cols,) = yield [("col", ops.sq_sums(g, r, None, R, C, start, 0))]
+        (cols,) = yield [("col", span.global_cols(
+            ops.sq_sums(g, span.local_rows(r), None, lR, lC, lstart, 0)))]
         c = ops.sinkhorn_rescale(c, cols, col_target, eps)
     return r, c
 
@@ -83,7 +87,9 @@ class SinkhornRule(Rule):
             return
         r, c = yield from sinkhorn_scales(f, g, iters, eps, row_t, col_t)
         # The scaled gradient is formed in registers, never in memory.
-        out.scaled(p, g, r, c, f.cols, f.span.start, lr, wd, step)
+        span = f.span
+        _, lC, lstart = span.op_args
+        out.scaled(p, g, span.local_rows(r), span.local_cols(c), lC, lstart, lr, wd, step)
 
 
 class SinkGDRule(SinkhornRule):

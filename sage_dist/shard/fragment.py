@@ -42,8 +42,14 @@ class Fragment:
     data: torch.Tensor      # flat local view of the parameter (may be any float dtype)
     grad: torch.Tensor | None
     whole: bool             # this rank holds the entire parameter: no statistic needs a reduction
-    rows_local: bool        # every rank holds whole rows: row statistics are complete locally
+    # Every rank holds whole rows: row statistics are complete locally. (Rules use row
+    # statistics on the fragment's own rows only; column statistics, SAGE's on all columns,
+    # so those travel whenever the parameter is cut, even by columns only.)
+    rows_local: bool
     slot: int = 0           # position among the fragments of its optimizer entry
+    # False on all but one of the ranks that hold the same block (a parameter replicated over a
+    # mesh dim the statistics are summed over): it then adds zeros, so each element counts once.
+    contributes: bool = True
 
     @property
     def rows(self) -> int:

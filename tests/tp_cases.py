@@ -1,0 +1,154 @@
+"""Workers for the tensor-parallel tests (run inside spawned gloo processes).
+
+The probe model has a parameter of every kind a TP plan produces: colwise (Shard(0)) and
+rowwise (Shard(1)) weights, a vocabulary-parallel embedding (Shard(0)) and one cut along its
+features (Shard(1)), a colwise bias (a sharded vector), replicated norms, a 3-D weight cut
+on dim 1, and dims that no TP degree here divides (13, 9, 37, 10). Under FSDP x TP it is then
+`fully_shard`-ed, so the placements are FSDP2's own (_StridedShard over a TP Shard(0), norms
+on the dp sub-mesh). Gradients are drawn whole on every rank and cut to each rank's block, so
+every step has the same global gradients at any mesh.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.placement_types import _StridedShard
+
+import sage_dist
+from fsdp_cases import Oracle
+
+VOCAB, HIDDEN, FFN, ODD = 37, 12, 18, 13
+
+
+class TPProbe(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.pos = nn.Embedding(9, HIDDEN)
+        self.q = nn.Linear(HIDDEN, 10)            # colwise, with a bias of 10
+        self.o = nn.Linear(10, HIDDEN, bias=False)
+        self.up = nn.Linear(HIDDEN, FFN, bias=False)
+        self.down = nn.Linear(FFN, HIDDEN, bias=False)
+        self.odd = nn.Linear(ODD, 9, bias=False)  # rowwise over 13 columns
+        self.conv = nn.Parameter(torch.randn(6, 4, 3) * 0.1)
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+MESHES = {"tp2": (2,), "tp4": (4,), "fsdp2xtp2": (2, 2), "hsdp2x1xtp2": (2, 1, 2)}
+
+
+def tp_model(shape):
+    """The probe, TP-parallelised over the last mesh dim, FSDP2 over the others."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    names = {1: ("tp",), 2: ("dp", "tp"), 3: ("rep", "dp", "tp")}[len(shape)]
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    tp = mesh["tp"]
+    model = TPProbe()
+    parallelize_module(model, tp, {
+        "embed": RowwiseParallel(), "pos": ColwiseParallel(), "q": ColwiseParallel(),
+        "o": RowwiseParallel(), "up": ColwiseParallel(), "down": RowwiseParallel(),
+        "odd": RowwiseParallel(), "lm_head": ColwiseParallel()})
+    model.conv = nn.Parameter(distribute_tensor(model.conv.data, tp, [Shard(1)]))
+    if len(shape) == 1:   # TP alone: the norms are replicated DTensors (as under SP)
+        for n in ("weight", "bias"):
+            setattr(model.norm, n, nn.Parameter(distribute_tensor(
+                getattr(model.norm, n).data, tp, [Replicate()])))
+    else:
+        fully_shard(model, mesh=mesh[names[:-1]] if len(shape) == 3 else mesh["dp"])
+    return model, mesh
+
+
+def set_grads(model, step):
+    """The same global gradients on every rank, cut to each rank's block."""
+    gen = torch.Generator().manual_seed(500 + step)
+    for p in model.parameters():
+        full = torch.randn(p.shape, generator=gen) * torch.rand(p.shape, generator=gen).pow(3)
+        size, off = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        local = full[tuple(slice(o, o + s) for o, s in zip(off, size))].contiguous()
+        p.grad = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                    shape=p.shape, stride=p.stride())
+
+
+def expected_comm_floats(opt) -> int:
+    """Floats one step must all-reduce, from global shapes and placements alone: for each
+    parameter cut on a summed mesh dim, its finiteness flag plus each statistic its rule
+    needs: column sums (SAGE's damper reads every column, so they travel even when TP cuts
+    columns only), row sums when columns are cut (rules read rows only where they are held);
+    plus one flag per parameter where replicas agree."""
+    layout = opt.layout
+    total = 0
+    if layout.reducer.replicas is not None:
+        total += sum(len(g["params"]) for g in opt.param_groups)
+    for g in opt.param_groups:
+        for p in g["params"]:
+            cuts = {pl.dim for pl in p.placements if isinstance(pl, (Shard, _StridedShard))}
+            if not cuts or layout.world == 1:
+                continue
+            shape = tuple(p.shape)
+            matrix = len(shape) >= 2
+            R = shape[0] if matrix else 1
+            C = (p.numel() // shape[0]) if matrix else p.numel()
+            col = C if matrix else 0
+            row = R if matrix and 1 in cuts else 0     # row sums travel
+            total += 1
+            rule = g["rule"]
+            if rule == "sage":
+                total += col if matrix else 2
+            elif rule in ("sinkhorn", "sinkgd"):
+                total += g["sinkhorn_iters"] * (row + col)
+            elif rule == "scale_embedding":
+                total += col
+            elif rule in ("scale_dense", "scale_head"):
+                total += row
+    return total
+
+
+def exactness(rank, world, shape, recipes, steps):
+    """Per step, every recipe vs the one-process oracle on the same full params and grads;
+    also checks each rank's local data is its block of the full tensor (the layout's view)."""
+    out = {}
+    for recipe in recipes:
+        model, mesh = tp_model(shape)
+        opt = sage_dist.build_optimizer(model, recipe)
+        oracle, comm_ok, comm, placements = Oracle(opt), True, None, set()
+        for p in model.parameters():
+            placements.add(f"{type(p.device_mesh.mesh_dim_names).__name__}:"
+                           f"{p.device_mesh.mesh_dim_names}{tuple(p.placements)}")
+        for step in range(steps):
+            set_grads(model, step)
+            oracle.step()
+            comm = opt.comm_stats()
+            comm_ok &= comm["floats"] == expected_comm_floats(opt)
+            opt.zero_grad(set_to_none=True)
+        worst, flips, numel = oracle.result
+        out[recipe] = dict(rel=worst, flips=flips, numel=numel, comm_ok=comm_ok, comm=comm,
+                           expected=expected_comm_floats(opt), placements=sorted(placements))
+    return out
+
+
+def bad_placements(rank, world, case):
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    if case == "shard2":
+        p = nn.Parameter(distribute_tensor(torch.zeros(4, 2, 6), mesh, [Shard(2)]))
+        sage_dist.optim.SAGE([p])
+    elif case == "strided_alone":
+        p = nn.Parameter(DTensor.from_local(torch.zeros(2, 4), mesh, [_StridedShard(0, sf=2)],
+                                            run_check=False, shape=(4, 4), stride=(4, 1)))
+        sage_dist.optim.SAGE([p])
+    elif case == "two_roots":
+        other = init_device_mesh("cpu", (1, world), mesh_dim_names=("a", "b"))
+        p = nn.Parameter(distribute_tensor(torch.zeros(6, 4), mesh, [Shard(1)]))
+        q = nn.Parameter(distribute_tensor(torch.zeros(6, 4), other, [Replicate(), Shard(0)]))
+        sage_dist.optim.SAGE([p, q])
+    return "no error"
