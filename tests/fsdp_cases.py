@@ -129,17 +129,26 @@ def exactness(rank, world, mesh_shape, recipes, steps):
     for recipe in recipes:
         model = sharded_model(mesh)
         opt = sage_dist.build_optimizer(model, recipe)
-        oracle, comm_ok, comm = Oracle(opt), True, None
-        for step in range(steps):
-            model(local_batch(step, rank, dp)).backward()
-            oracle.step()
-            comm = opt.comm_stats()
-            comm_ok &= comm["floats"] == expected_comm_floats(opt)
-            opt.zero_grad(set_to_none=True)
-        worst, flips, numel = oracle.result
-        out[recipe] = dict(rel=worst, flips=flips, numel=numel, comm_ok=comm_ok, comm=comm,
-                           expected=expected_comm_floats(opt), state=opt.state_bytes())
+        out[recipe] = oracle_steps(opt, steps,
+                                   lambda step: model(local_batch(step, rank, dp)).backward(),
+                                   expected_comm_floats)
+        out[recipe]["state"] = opt.state_bytes()
     return out
+
+
+def oracle_steps(opt, steps, make_grads, expected_floats) -> dict:
+    """`steps` steps of `opt` beside the oracle (make_grads(step) fills the gradients); the
+    worst difference, sign flips, and whether each step sent expected_floats(opt) floats."""
+    oracle, comm_ok, comm = Oracle(opt), True, None
+    for step in range(steps):
+        make_grads(step)
+        oracle.step()
+        comm = opt.comm_stats()
+        comm_ok &= comm["floats"] == expected_floats(opt)
+        opt.zero_grad(set_to_none=True)
+    worst, flips, numel = oracle.result
+    return dict(rel=worst, flips=flips, numel=numel, comm_ok=comm_ok, comm=comm,
+                expected=expected_floats(opt))
 
 
 def side_by_side(model, opt, plain, popt, rank, world, steps):

@@ -19,7 +19,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import sage_dist
-from fsdp_cases import Oracle
+from fsdp_cases import oracle_steps
 
 VOCAB, HIDDEN, FFN, ODD = 37, 12, 18, 13
 
@@ -121,19 +121,11 @@ def exactness(rank, world, shape, recipes, steps):
     for recipe in recipes:
         model, mesh = tp_model(shape)
         opt = sage_dist.build_optimizer(model, recipe)
-        oracle, comm_ok, comm, placements = Oracle(opt), True, None, set()
-        for p in model.parameters():
-            placements.add(f"{type(p.device_mesh.mesh_dim_names).__name__}:"
-                           f"{p.device_mesh.mesh_dim_names}{tuple(p.placements)}")
-        for step in range(steps):
-            set_grads(model, step)
-            oracle.step()
-            comm = opt.comm_stats()
-            comm_ok &= comm["floats"] == expected_comm_floats(opt)
-            opt.zero_grad(set_to_none=True)
-        worst, flips, numel = oracle.result
-        out[recipe] = dict(rel=worst, flips=flips, numel=numel, comm_ok=comm_ok, comm=comm,
-                           expected=expected_comm_floats(opt), placements=sorted(placements))
+        placements = sorted({f"{p.device_mesh.mesh_dim_names}{tuple(p.placements)}"
+                             for p in model.parameters()})
+        out[recipe] = oracle_steps(opt, steps, lambda step: set_grads(model, step),
+                                   expected_comm_floats)
+        out[recipe]["placements"] = placements
     return out
 
 

@@ -45,6 +45,8 @@ class _Placed:
 
     sharded: frozenset      # root dims that cut the parameter
     mesh_dims: tuple        # the root dim of each of the parameter's own mesh dims
+    cuts: frozenset         # the tensor dims cut
+    block: tuple            # (r0, r1, c0, c1) of the [R, C] matrix view held here
 
 
 def _root(mesh):
@@ -129,9 +131,10 @@ class DTensorLayout(Layout):
             if not names or any(n not in rnames for n in names):
                 _refuse(name, p, f"its mesh {mesh} is not a sub-mesh of {root} by dim names")
             mesh_dims = tuple(rnames.index(n) for n in names)
-        sharded = frozenset(mesh_dims[i] for i, pl in enumerate(p.placements)
-                            if _tensor_dim(name, p, i, pl) is not None)
-        placed = _Placed(sharded, mesh_dims)
+        dims = [_tensor_dim(name, p, i, pl) for i, pl in enumerate(p.placements)]
+        sharded = frozenset(mesh_dims[i] for i, d in enumerate(dims) if d is not None)
+        placed = _Placed(sharded, mesh_dims, frozenset(d for d in dims if d is not None),
+                         self._block(p))
         if hasattr(self, "pure") and sharded & set(self.pure):
             _refuse(name, p, "it is sharded on a mesh dim where the optimizer's other "
                              "parameters are all replicated; build the optimizer with all of "
@@ -139,7 +142,8 @@ class DTensorLayout(Layout):
         self._placed[id(p)] = placed
         return placed
 
-    def _block(self, name: str, p: DTensor):
+    @staticmethod
+    def _block(p: DTensor):
         """(r0, r1, c0, c1) of the [R, C] matrix view that this rank holds."""
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -157,7 +161,7 @@ class DTensorLayout(Layout):
         R, C = matrix_shape(shape)
         placed = self._place(name, p)
         local = p.to_local()
-        r0, r1, c0, c1 = self._block(name, p)
+        r0, r1, c0, c1 = placed.block
         n = (r1 - r0) * (c1 - c0)
         if local.numel() != n or not local.is_contiguous():
             raise RuntimeError(f"{name}: local shard has {local.numel()} elements, expected "
@@ -166,14 +170,13 @@ class DTensorLayout(Layout):
         span = Span(R, C, r0 * C + c0, r0 * C + c0 + n) if (c0 == 0 and c1 == C) or R == 1 \
             else BlockSpan(R, C, r0, r1, c0, c1)
         grad = p.grad.to_local().reshape(-1) if p.grad is not None else None
-        cuts = [_tensor_dim(name, p, i, pl) for i, pl in enumerate(p.placements)]
         matrix = len(shape) >= 2
         whole = self.world == 1 or not placed.sharded
         # Of the ranks holding this block, the one at coordinate 0 of every summed dim that
         # does not cut the parameter adds its statistics.
         contributes = all(self.coord[d] == 0 for d in self.summed if d not in placed.sharded)
         return [Fragment(name=name, param=p, shape=shape, span=span, data=local.view(-1),
-                         grad=grad, whole=whole, rows_local=matrix and 1 not in cuts,
+                         grad=grad, whole=whole, rows_local=matrix and 1 not in placed.cuts,
                          contributes=contributes)]
 
     def new_elementwise(self, p: DTensor, dtype=torch.float32) -> DTensor:
