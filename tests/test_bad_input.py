@@ -146,6 +146,10 @@ CONFIG = [
     ("tokenizer-missing", ["--tokenizer", "/no/such/tok"], ["tokenizer='/no/such/tok'"]),
     ("unknown-key", ["--stepz", "3"], ["'stepz'", "allowed keys"]),
     ("deepspeed-without-json", ["--engine", "deepspeed"], ["deepspeed_config", "JSON"]),
+    ("tp-zero", ["--engine", "fsdp2", "--tp", "0"], ["tp=0", ">= 1"]),
+    ("tp-without-fsdp2", ["--engine", "ddp", "--tp", "2"], ["tp=2", "engine=fsdp2", "'ddp'"]),
+    ("tp-splits-heads", ["--engine", "fsdp2", "--tp", "8"],
+     ["tp=8", "num_attention_heads=4", "whole heads"]),
     ("missing-value", ["--steps"], ["--steps", "missing value"]),
     ("bare-argument", ["steps", "3"], ["'steps'", "--key value"]),
 ]
@@ -169,6 +173,12 @@ def test_train_config_world_checks():
         C.validate_world(cfg, 3)
     with pytest.raises(C.ConfigError, match=r"engine='single' with WORLD_SIZE=2"):
         C.validate_world(C.load_config(["--config", "tiny_single"]), 2)
+    tp = C.load_config(["--config", "tiny_fsdp2", "--tp", "2"])
+    with pytest.raises(C.ConfigError, match=r"tp=2 does not divide WORLD_SIZE=3"):
+        C.validate_world(tp, 3)
+    with pytest.raises(C.ConfigError, match=r"global_batch=16 .* data-parallel degree 3"):
+        C.validate_world(tp, 6)
+    C.validate_world(tp, 4)   # dp 2 x micro 8
 
 
 # -- the DeepSpeed JSON reconciliation ---------------------------------------------------------

@@ -103,6 +103,24 @@ def test_engines_agree_on_the_step_20_loss(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_fsdp2_with_tp2_agrees_with_the_other_engines(runs, cache, tmp_path, nproc):
+    """FSDP2 x TP 2 (sage_dist.fsdp.parallelize_llama): TP 2 alone on 2 ranks, FSDP 2 x TP 2
+    on 4; the step-20 loss equals the single-process one within the engines' bound."""
+    out = tmp_path / f"tp2_{nproc}"
+    torchrun(cache, "tiny_fsdp2", out, "--tp", "2", nproc=nproc)
+    ref, loss = step_loss(runs["single"]), step_loss(out)
+    print(f"step-20 loss: single {ref}, fsdp2 x tp2 on {nproc} ranks {loss}")
+    assert abs(loss - ref) <= 1e-4 * abs(ref)
+    final = next(r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "final")
+    assert final["world_size"] == nproc
+    one = read_metrics(runs["single"] / "metrics.jsonl")[-1]["memory"][0]
+    # every rank holds 1/nproc of the optimizer state (TP and FSDP both cut it)
+    assert sum(m["optimizer_state/total"] for m in final["memory"]) == \
+        pytest.approx(one["optimizer_state/total"], rel=0.05)
+
+
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(runs, cache, tmp_path):
     out = tmp_path / "killed"
     ckpt10 = ["--checkpoint_every", "10"]

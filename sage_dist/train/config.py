@@ -39,6 +39,7 @@ class TrainConfig:
     lr: float | None = None  # peak learning rate; None: the recipe's default
     weight_decay: float | None = None  # None: the recipe's default
     engine: str = "single"  # deepspeed | fsdp2 | ddp | single
+    tp: int = 1  # tensor-parallel degree (engine=fsdp2): a (world / tp, tp) mesh, FSDP2 x TP
     deepspeed_config: str | None = None  # DeepSpeed JSON (engine=deepspeed), naming our recipe
     bf16: bool = False  # bf16 mixed precision (fp32 master weights and optimizer state)
     state_dtype: str = "float32"  # the optimizer's elementwise state: float32 | bfloat16
@@ -78,7 +79,12 @@ class TrainConfig:
 
     # -- derived ---------------------------------------------------------------------------
     def micro_batch(self, world: int) -> int:
-        return self.global_batch // (world * self.grad_accum)
+        return self.global_batch // (self.data_parallel(0, world)[1] * self.grad_accum)
+
+    def data_parallel(self, rank: int, world: int) -> tuple[int, int]:
+        """(this rank's data-parallel index, the data-parallel degree). The (dp, tp) mesh is
+        row-major over ranks, so the tp ranks of one group read the same micro-batch."""
+        return rank // self.tp, world // self.tp
 
     def resolve(self, path: str | None) -> Path | None:
         """A data / tokenizer path: relative paths resolve against the working directory."""
@@ -256,6 +262,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.vocab_size is not None:
         _need(cfg.vocab_size >= 258, "vocab_size", cfg.vocab_size,
               "must be >= 258 (byte-level BPE: 256 bytes + 2 special tokens)")
+    _need(cfg.tp >= 1, "tp", cfg.tp, "must be >= 1")
+    _need(cfg.tp == 1 or cfg.engine == "fsdp2", "tp", cfg.tp,
+          f"tensor parallelism needs engine=fsdp2 (engine is {cfg.engine!r}); allowed: 1")
     if cfg.engine == "deepspeed":
         _need(cfg.deepspeed_config is not None, "deepspeed_config", None,
               "engine=deepspeed needs a DeepSpeed JSON (e.g. configs/deepspeed/zero2.json)")
@@ -283,10 +292,15 @@ def validate_world(cfg: TrainConfig, world: int) -> None:
     if cfg.engine == "single" and world != 1:
         raise ConfigError(f"engine='single' with WORLD_SIZE={world}: allowed is 1 process; "
                           f"use ddp, fsdp2 or deepspeed to train on {world}")
-    per_step = world * cfg.grad_accum
+    if world % cfg.tp:
+        raise ConfigError(f"tp={cfg.tp} does not divide WORLD_SIZE={world}: the mesh is "
+                          f"(world / tp, tp); allowed are divisors of {world}")
+    dp = cfg.data_parallel(0, world)[1]
+    per_step = dp * cfg.grad_accum
     if cfg.global_batch % per_step:
+        what = f"world size {world}" if cfg.tp == 1 else f"data-parallel degree {dp}"
         raise ConfigError(
-            f"global_batch={cfg.global_batch} is not divisible by world size {world} x "
+            f"global_batch={cfg.global_batch} is not divisible by {what} x "
             f"grad_accum {cfg.grad_accum} = {per_step}: every rank needs the same micro-batch; "
             f"allowed are multiples of {per_step}")
 
@@ -301,6 +315,11 @@ def model_config(cfg: TrainConfig):
         mc = load_llama_config(cfg.model)
     except ValueError as e:  # not JSON, or not a Llama config: the message names model=VALUE
         raise ConfigError(str(e)) from None
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        n = getattr(mc, key, None) or mc.num_attention_heads
+        if n % cfg.tp:
+            raise ConfigError(f"tp={cfg.tp} does not divide the model's {key}={n} "
+                              f"({cfg.model}): each TP rank computes whole heads")
     if cfg.seq_len > mc.max_position_embeddings:
         raise ConfigError(f"seq_len={cfg.seq_len}: must be <= the model's "
                           f"max_position_embeddings {mc.max_position_embeddings}")

@@ -3,7 +3,8 @@ backward), an optimizer step (clip, set the learning rate, step), evaluate, save
 
     single     one process, plain module
     ddp        torch DistributedDataParallel (gloo on CPU, nccl on CUDA)
-    fsdp2      torch fully_shard on a 1-D mesh via sage_dist.fsdp.shard_llama
+    fsdp2      torch fully_shard on a 1-D mesh via sage_dist.fsdp.shard_llama; with tp > 1 a
+               (world / tp, tp) mesh via sage_dist.fsdp.parallelize_llama (FSDP2 x TP)
     deepspeed  sage_dist.deepspeed.initialize with a DeepSpeed JSON naming our recipe
                (deepspeed_engine.py, with the reconciliation of that JSON and the config)
 
@@ -212,12 +213,17 @@ class FSDP2Engine(PlainEngine):
         from torch.distributed.device_mesh import init_device_mesh
 
         from sage_dist import build_optimizer
-        from sage_dist.fsdp import shard_llama
+        from sage_dist.fsdp import parallelize_llama, shard_llama
 
         self.name = "fsdp2"
         model = build_model(mc, cfg.seed).to(device)
-        mesh = init_device_mesh(device.type, (world,))
-        self.model = self.wrapped = shard_llama(model, mesh, bf16=cfg.bf16)
+        if cfg.tp == 1:
+            mesh = init_device_mesh(device.type, (world,))
+            self.model = self.wrapped = shard_llama(model, mesh, bf16=cfg.bf16)
+        else:
+            mesh = init_device_mesh(device.type, (world // cfg.tp, cfg.tp),
+                                    mesh_dim_names=("dp", "tp"))
+            self.model = self.wrapped = parallelize_llama(model, mesh, bf16=cfg.bf16)
         self.sage = self.opt = build_optimizer(self.model, cfg.recipe, **optimizer_kwargs(cfg))
         self._remember_lrs(self.opt.param_groups)
 
@@ -230,6 +236,13 @@ class FSDP2Engine(PlainEngine):
         loss = lm_loss(self.forward(x), y)
         (loss / self.cfg.grad_accum).backward()
         return loss.detach()
+
+    def _clip(self) -> float:
+        if self.cfg.tp == 1:
+            return super()._clip()
+        from sage_dist.fsdp import clip_grad_norm_   # norms and TP weights on two meshes
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        return float(clip_grad_norm_(self.model.parameters(), max_norm))
 
     def full_params(self):
         for name, p in sorted(self.model.named_parameters()):

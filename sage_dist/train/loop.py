@@ -157,8 +157,9 @@ def describe(log, cfg, mc, engine, manifest, sampler, world: int) -> int:
     log(f"data: {cfg.data}, tokenizer vocab {manifest['vocab_size']}, train "
         f"{manifest['splits']['train']['tokens']:,} tokens ({sampler.steps_per_epoch} steps per "
         f"epoch), validation {manifest['splits']['validation']['tokens']:,} tokens; global batch "
-        f"{cfg.global_batch} = {world} ranks x {cfg.micro_batch(world)} x {cfg.grad_accum} "
-        f"accumulation, seq {cfg.seq_len}")
+        f"{cfg.global_batch} = {cfg.data_parallel(0, world)[1]} data-parallel ranks x "
+        f"{cfg.micro_batch(world)} x {cfg.grad_accum} accumulation, seq {cfg.seq_len}"
+        + (f"; tensor parallel {cfg.tp}" if cfg.tp > 1 else ""))
     return n_params
 
 
@@ -178,6 +179,7 @@ def evaluate(engine, windows: torch.Tensor, cfg: TrainConfig, rank: int, world: 
     """Mean validation loss over `windows`, each rank scoring its micro-batch slices."""
     total = torch.zeros(2, dtype=torch.float64)
     g, micro = cfg.global_batch, cfg.micro_batch(world)
+    rank, world = cfg.data_parallel(rank, world)   # tp ranks score the same slices
     for b in range(len(windows) // g):
         for a in range(cfg.grad_accum):
             lo = b * g + (a * world + rank) * micro
@@ -200,7 +202,7 @@ def train_step(engine, sampler, cfg: TrainConfig, step: int, rank: int, world: i
     hook = inject_nan_hook(engine.module(), nan_at[1])[1] if nan_at[0] == step else None
     try:
         for a in range(cfg.grad_accum):
-            x, y = sampler.micro_batch(step - 1, a, rank, world, micro)
+            x, y = sampler.micro_batch(step - 1, a, *cfg.data_parallel(rank, world), micro)
             loss = engine.micro_step(x.to(engine.device), y.to(engine.device),
                                      last=a == cfg.grad_accum - 1)
             loss_sum += loss.item()
