@@ -220,7 +220,9 @@ def _train(model, opt, rank, world, steps, start=0):
 
 
 def _full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
+    # full_tensor() of a Replicate() DTensor is its local tensor itself: copy, so that a later
+    # in-place step does not change what was recorded
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
 
 
 def full_state(model, opt):

@@ -19,7 +19,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import sage_dist
-from fsdp_cases import oracle_steps
+from fsdp_cases import Oracle, full_state, oracle_steps
 
 VOCAB, HIDDEN, FFN, ODD = 37, 12, 18, 13
 
@@ -46,7 +46,7 @@ class TPProbe(nn.Module):
 MESHES = {"tp2": (2,), "tp4": (4,), "fsdp2xtp2": (2, 2), "hsdp2x1xtp2": (2, 1, 2)}
 
 
-def tp_model(shape):
+def tp_model(shape, seed=0):
     """The probe, TP-parallelised over the last mesh dim, FSDP2 over the others."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
@@ -54,7 +54,7 @@ def tp_model(shape):
     names = {1: ("tp",), 2: ("dp", "tp"), 3: ("rep", "dp", "tp")}[len(shape)]
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
     tp = mesh["tp"]
-    model = TPProbe()
+    model = TPProbe(seed)
     parallelize_module(model, tp, {
         "embed": RowwiseParallel(), "pos": ColwiseParallel(), "q": ColwiseParallel(),
         "o": RowwiseParallel(), "up": ColwiseParallel(), "down": RowwiseParallel(),
@@ -144,3 +144,44 @@ def bad_placements(rank, world, case):
         q = nn.Parameter(distribute_tensor(torch.zeros(6, 4), other, [Replicate(), Shard(0)]))
         sage_dist.optim.SAGE([p, q])
     return "no error"
+
+
+def _steps(model, opt, start, stop):
+    for step in range(start, stop):
+        set_grads(model, step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def checkpoint_save(rank, world, shape, recipe, path, steps):
+    """`steps` steps at mesh `shape`, then torch.distributed.checkpoint of model + optimizer;
+    returns every parameter and state tensor gathered whole."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model, _ = tp_model(shape)
+    opt = sage_dist.build_optimizer(model, recipe)
+    _steps(model, opt, 0, steps)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    return full_state(model, opt)
+
+
+def checkpoint_load(rank, world, shape, recipe, path, done, more):
+    """Load at another mesh (a model of a different init: everything must come from the
+    file); the state gathered whole, then `more` steps each against the oracle stepped from
+    the same full state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model, _ = tp_model(shape, seed=1)
+    opt = sage_dist.build_optimizer(model, recipe)
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    loaded = full_state(model, opt)
+    oracle = Oracle(opt, seed_state=True)
+    for step in range(done, done + more):
+        set_grads(model, step)
+        oracle.step()
+        opt.zero_grad(set_to_none=True)
+    return dict(loaded=loaded, exact=oracle.result)
