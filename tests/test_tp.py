@@ -82,3 +82,15 @@ def test_checkpoint_fsdp2xtp2_loads_at_fsdp4_and_at_tp4(tmp_path, recipe):
         print(f"{recipe}: DCP FSDP 2 x TP 2 -> {name}: {len(saved)} tensors bit-identical; "
               f"next 2 steps max rel {worst:.2e} (sign flips {flips} of {numel})")
         assert worst <= 1e-6 and flips <= 1e-5 * numel
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(1, 2), (2, 2)])
+def test_llama_comm_equals_the_count_from_the_config(shape):
+    """parallelize_llama on the tiny Llama: what a real step all-reduces equals
+    sage_dist.shard.comm.llama_step_floats (the count docs/DISTRIBUTED.md gives for 60M and
+    1B under FSDP 8 x TP 8)."""
+    res = run(cases.llama_comm, shape[0] * shape[1], shape, RECIPES)
+    for r in res:
+        for recipe, (sent, counted) in r.items():
+            assert sent == counted["floats"] > 0, (shape, recipe, sent, counted)

@@ -19,6 +19,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import sage_dist
+from sage_dist.shard.comm import llama_step_floats, param_floats
 from fsdp_cases import Oracle, full_state, oracle_steps
 
 VOCAB, HIDDEN, FFN, ODD = 37, 12, 18, 13
@@ -81,11 +82,10 @@ def set_grads(model, step):
 
 
 def expected_comm_floats(opt) -> int:
-    """Floats one step must all-reduce, from global shapes and placements alone: for each
-    parameter cut on a summed mesh dim, its finiteness flag plus each statistic its rule
-    needs: column sums (SAGE's damper reads every column, so they travel even when TP cuts
-    columns only), row sums when columns are cut (rules read rows only where they are held);
-    plus one flag per parameter where replicas agree."""
+    """Floats one step must all-reduce, from global shapes and placements alone
+    (sage_dist.shard.comm.param_floats of the tensor dims the placements cut, for every
+    parameter when the summed group has more than one rank), plus one flag per parameter
+    where replicas agree."""
     layout = opt.layout
     total = 0
     if layout.reducer.replicas is not None:
@@ -93,24 +93,8 @@ def expected_comm_floats(opt) -> int:
     for g in opt.param_groups:
         for p in g["params"]:
             cuts = {pl.dim for pl in p.placements if isinstance(pl, (Shard, _StridedShard))}
-            if not cuts or layout.world == 1:
-                continue
-            shape = tuple(p.shape)
-            matrix = len(shape) >= 2
-            R = shape[0] if matrix else 1
-            C = (p.numel() // shape[0]) if matrix else p.numel()
-            col = C if matrix else 0
-            row = R if matrix and 1 in cuts else 0     # row sums travel
-            total += 1
-            rule = g["rule"]
-            if rule == "sage":
-                total += col if matrix else 2
-            elif rule in ("sinkhorn", "sinkgd"):
-                total += g["sinkhorn_iters"] * (row + col)
-            elif rule == "scale_embedding":
-                total += col
-            elif rule in ("scale_dense", "scale_head"):
-                total += row
+            if layout.world > 1:
+                total += param_floats(g["rule"], p.shape, cuts, g.get("sinkhorn_iters", 0))
     return total
 
 
@@ -185,3 +169,21 @@ def checkpoint_load(rank, world, shape, recipe, path, done, more):
         oracle.step()
         opt.zero_grad(set_to_none=True)
     return dict(loaded=loaded, exact=oracle.result)
+
+
+def llama_comm(rank, world, shape, recipes):
+    """One real step of the tiny Llama under sage_dist.fsdp.parallelize_llama on a (dp, tp)
+    mesh: what it all-reduced, and the count sage_dist.shard.comm makes from the config."""
+    from sage_dist.fsdp import parallelize_llama
+    from sage_dist.models import build_model, load_llama_config
+    mc = load_llama_config("llama_tiny")
+    out = {}
+    for recipe in recipes:
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+        model = parallelize_llama(build_model(mc, 0), mesh)
+        opt = sage_dist.build_optimizer(model, recipe)
+        x = torch.randint(0, mc.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        out[recipe] = (opt.comm_stats()["floats"], llama_step_floats(mc, recipe, *shape))
+    return out
