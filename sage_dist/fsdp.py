@@ -14,8 +14,6 @@ With tensor parallelism, a 2-D (dp, tp) mesh:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -106,8 +104,8 @@ def parallelize_llama(model: nn.Module, mesh, *, tp: str = "tp", dp: str = "dp",
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ for parameters on several meshes (FSDP2 over TP puts
     norms on the dp sub-mesh): the norm of each mesh's gradients is reduced over its own mesh,
-    the squares summed, every gradient scaled by min(1, max_norm / (norm + 1e-6)) as torch
-    does. Returns the global norm (a plain tensor, equal on every rank)."""
+    the squares summed, every gradient scaled by clamp(max_norm / (norm + 1e-6), max=1) as
+    torch does (a NaN norm makes every gradient NaN, as torch's does). Returns the global norm (a plain tensor, equal on every rank)."""
     from torch.distributed.tensor import DTensor
 
     by_mesh: dict = {}
@@ -121,9 +119,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
         n = n.full_tensor() if isinstance(n, DTensor) else n
         sq += n.double().cpu() ** 2
     total = sq.sqrt().float()
-    coef = min(1.0, max_norm / (float(total) + 1e-6)) if math.isfinite(max_norm) else 1.0
-    if coef < 1.0:
-        for grads in by_mesh.values():
-            for g in grads:
-                g.mul_(coef)
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))   # NaN stays NaN, as in torch
+    for grads in by_mesh.values():
+        torch._foreach_mul_(grads, coef)
     return total

@@ -89,8 +89,11 @@ def test_checkpoint_fsdp2xtp2_loads_at_fsdp4_and_at_tp4(tmp_path, recipe):
 def test_llama_comm_equals_the_count_from_the_config(shape):
     """parallelize_llama on the tiny Llama: what a real step all-reduces equals
     sage_dist.shard.comm.llama_step_floats (the count docs/DISTRIBUTED.md gives for 60M and
-    1B under FSDP 8 x TP 8)."""
+    1B under FSDP 8 x TP 8). The clipping before it (parameters on two meshes) gives torch's
+    norm and clipped gradients of the unsharded model."""
     res = run(cases.llama_comm, shape[0] * shape[1], shape, RECIPES)
     for r in res:
-        for recipe, (sent, counted) in r.items():
+        for recipe, (sent, counted, norm, ref_norm, grad_diff) in r.items():
             assert sent == counted["floats"] > 0, (shape, recipe, sent, counted)
+            assert norm > 0.5 and abs(norm - ref_norm) <= 1e-5 * ref_norm, (norm, ref_norm)
+            assert grad_diff <= 1e-6, grad_diff

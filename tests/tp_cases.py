@@ -173,17 +173,27 @@ def checkpoint_load(rank, world, shape, recipe, path, done, more):
 
 def llama_comm(rank, world, shape, recipes):
     """One real step of the tiny Llama under sage_dist.fsdp.parallelize_llama on a (dp, tp)
-    mesh: what it all-reduced, and the count sage_dist.shard.comm makes from the config."""
-    from sage_dist.fsdp import parallelize_llama
+    mesh: what it all-reduced, and the count sage_dist.shard.comm makes from the config.
+    Before it, sage_dist.fsdp.clip_grad_norm_ against torch's on the unsharded model (every
+    dp rank sees the same batch, so the averaged gradients equal the one-process ones)."""
+    from sage_dist.fsdp import clip_grad_norm_, parallelize_llama
     from sage_dist.models import build_model, load_llama_config
     mc = load_llama_config("llama_tiny")
+    x = torch.randint(0, mc.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    ref = build_model(mc, 0)
+    ref(input_ids=x, labels=x).loss.backward()
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5))
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     out = {}
     for recipe in recipes:
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
         model = parallelize_llama(build_model(mc, 0), mesh)
         opt = sage_dist.build_optimizer(model, recipe)
-        x = torch.randint(0, mc.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
         model(input_ids=x, labels=x).loss.backward()
+        norm = float(clip_grad_norm_(model.parameters(), 0.5))
+        grad_diff = max(float((p.grad.full_tensor() - ref_grads[n]).abs().max())
+                        for n, p in model.named_parameters())
         opt.step()
-        out[recipe] = (opt.comm_stats()["floats"], llama_step_floats(mc, recipe, *shape))
+        out[recipe] = (opt.comm_stats()["floats"], llama_step_floats(mc, recipe, *shape),
+                       norm, ref_norm, grad_diff)
     return out
