@@ -11,8 +11,14 @@ With tensor parallelism, a 2-D (dp, tp) mesh:
     opt = sage_dist.build_optimizer(model, "sage-hybrid")
     ...
     sage_dist.fsdp.clip_grad_norm_(model.parameters(), 1.0)  # parameters on two meshes
+
+What a step of each recipe all-reduces under this plan, counted from a config's shapes:
+
+    python -m sage_dist.fsdp --model llama_60m,llama_1b --dp 8 --tp 8
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 from torch import nn
@@ -55,6 +61,10 @@ def _tp_divides(model: nn.Module, tp: int) -> None:
                              f"computes whole heads; allowed are divisors of {n}")
 
 
+COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROWWISE = ("o_proj", "down_proj")
+
+
 def parallelize_llama(model: nn.Module, mesh, *, tp: str = "tp", dp: str = "dp",
                       bf16: bool = False, reshard_after_forward=True) -> nn.Module:
     """Tensor-parallel a Hugging Face Llama over mesh[tp], then FSDP2 over mesh[dp].
@@ -90,10 +100,10 @@ def parallelize_llama(model: nn.Module, mesh, *, tp: str = "tp", dp: str = "dp",
         name = next(n for n, m in model.named_modules() if m is head)
         parallelize_module(model, tp_mesh, {name: ColwiseParallel(
             output_layouts=Replicate())})
-    plan = {f"self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")}
-    plan["self_attn.o_proj"] = RowwiseParallel()
-    plan.update({f"mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")})
-    plan["mlp.down_proj"] = RowwiseParallel()
+    block = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+             "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    plan = {f"{block[p]}.{p}": ColwiseParallel() for p in COLWISE}
+    plan.update({f"{block[p]}.{p}": RowwiseParallel() for p in ROWWISE})
     for layer in decoder_layers(model):
         parallelize_module(layer, tp_mesh, plan)
     dp_mesh = mesh[dp]
@@ -123,3 +133,58 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     for grads in by_mesh.values():
         torch._foreach_mul_(grads, coef)
     return total
+
+
+def tp_plan_cuts(name: str, shape) -> frozenset:
+    """Tensor dims of a Llama parameter cut under parallelize_llama on a (dp, tp) mesh: FSDP2
+    cuts dim 0 of everything, TP additionally dim 1 of the rowwise weights."""
+    leaf = name.rsplit(".", 2)[-2] if "." in name else name
+    return frozenset({0, 1}) if leaf in ROWWISE and len(shape) >= 2 else frozenset({0})
+
+
+def llama_step_floats(model, recipe: str = "sage-hybrid", dp: int = 1, tp: int = 1) -> dict:
+    """{floats, params, fraction} for one step of `recipe` on a Llama config (a shipped name,
+    path, dict or module) under parallelize_llama on a dp x tp mesh."""
+    from . import models
+    from .optim.recipes import param_groups
+    from .shard.comm import param_floats
+    from .shard.fragment import global_shape
+
+    for key, v in (("dp", dp), ("tp", tp)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{key}={v!r}: must be an integer >= 1")
+    m = models.meta_model(model)
+    params = sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
+    floats = 0
+    if dp * tp > 1:
+        for g in param_groups(m, recipe):
+            for name, p in zip(g["param_names"], g["params"]):
+                shape = global_shape(p)
+                floats += param_floats(g["rule"], shape, tp_plan_cuts(name, shape),
+                                       g.get("sinkhorn_iters", 0))
+    return {"floats": floats, "params": params, "fraction": floats / params}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sage_dist.fsdp", description=(
+        "Floats one optimizer step all-reduces under FSDP2 x TP (sage_dist.fsdp."
+        "parallelize_llama), counted from the shapes."))
+    ap.add_argument("--model", default="llama_60m,llama_1b",
+                    help="comma-separated model configs (shipped names or paths)")
+    ap.add_argument("--recipe", default="sage-hybrid,sage,sinkgd-hybrid,scale,lion",
+                    help="comma-separated recipes")
+    ap.add_argument("--dp", type=int, default=8)
+    ap.add_argument("--tp", type=int, default=8)
+    a = ap.parse_args(argv)
+    print(f"| model | recipe | mesh | floats per step | of parameters |")
+    print(f"|---|---|---|---:|---:|")
+    for model in a.model.split(","):
+        for recipe in a.recipe.split(","):
+            r = llama_step_floats(model, recipe, a.dp, a.tp)
+            print(f"| {model} ({r['params'] / 1e6:.0f}M) | {recipe} | FSDP {a.dp} x TP {a.tp} "
+                  f"| {r['floats']:,} | {100 * r['fraction']:.3f} % |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

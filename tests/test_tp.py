@@ -88,7 +88,7 @@ def test_checkpoint_fsdp2xtp2_loads_at_fsdp4_and_at_tp4(tmp_path, recipe):
 @pytest.mark.parametrize("shape", [(1, 2), (2, 2)])
 def test_llama_comm_equals_the_count_from_the_config(shape):
     """parallelize_llama on the tiny Llama: what a real step all-reduces equals
-    sage_dist.shard.comm.llama_step_floats (the count docs/DISTRIBUTED.md gives for 60M and
+    sage_dist.fsdp.llama_step_floats (the count docs/DISTRIBUTED.md gives for 60M and
     1B under FSDP 8 x TP 8). The clipping before it (parameters on two meshes) gives torch's
     norm and clipped gradients of the unsharded model."""
     res = run(cases.llama_comm, shape[0] * shape[1], shape, RECIPES)

@@ -19,7 +19,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import sage_dist
-from sage_dist.shard.comm import llama_step_floats, param_floats
+from sage_dist.fsdp import llama_step_floats
+from sage_dist.shard.comm import param_floats
 from fsdp_cases import Oracle, full_state, oracle_steps
 
 VOCAB, HIDDEN, FFN, ODD = 37, 12, 18, 13
@@ -173,7 +174,7 @@ def checkpoint_load(rank, world, shape, recipe, path, done, more):
 
 def llama_comm(rank, world, shape, recipes):
     """One real step of the tiny Llama under sage_dist.fsdp.parallelize_llama on a (dp, tp)
-    mesh: what it all-reduced, and the count sage_dist.shard.comm makes from the config.
+    mesh: what it all-reduced, and the count sage_dist.fsdp.llama_step_floats makes from the config.
     Before it, sage_dist.fsdp.clip_grad_norm_ against torch's on the unsharded model (every
     dp rank sees the same batch, so the averaged gradients equal the one-process ones)."""
     from sage_dist.fsdp import clip_grad_norm_, parallelize_llama
