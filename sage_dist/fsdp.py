@@ -115,7 +115,9 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ for parameters on several meshes (FSDP2 over TP puts
     norms on the dp sub-mesh): the norm of each mesh's gradients is reduced over its own mesh,
     the squares summed, every gradient scaled by clamp(max_norm / (norm + 1e-6), max=1) as
-    torch does (a NaN norm makes every gradient NaN, as torch's does). Returns the global norm (a plain tensor, equal on every rank)."""
+    torch does (a NaN norm makes every gradient NaN, as torch's does). Returns the global norm
+    (a plain CPU tensor, equal on every rank). Unlike torch's, it reads the norm on the host
+    (one device sync per call) to combine the meshes."""
     from torch.distributed.tensor import DTensor
 
     by_mesh: dict = {}

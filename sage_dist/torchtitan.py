@@ -18,8 +18,10 @@ FSDP2: the DTensor layout reads the placements. What torchtitan's container reli
 - `step`, `zero_grad`, `state_dict`, `load_state_dict` and the per-optimizer LR schedulers
   are the container's own, iterating over `optimizers`.
 
-`build_part_optimizers` is the torchtitan-free core (tested here);
-`SageOptimizersContainer` exists when torchtitan is importable.
+`build_part_optimizers` is the torchtitan-free core; `SageOptimizersContainer` exists when
+torchtitan is importable (tests/test_torchtitan.py runs both). The container's
+`implementation` setting (fused / foreach, for torch's Adam) does not apply to our optimizers
+and is ignored.
 """
 from __future__ import annotations
 
