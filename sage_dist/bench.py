@@ -1,6 +1,8 @@
 """Optimizer-step benchmark against the machine's measured memory bandwidth.
 
     python -m sage_dist.bench step --model configs/models/llama_60m.json [--steps 10] [--json out.json]
+    python -m sage_dist.bench quality --config tiny_single --recipes sage-hybrid,adamw \
+        --lrs 1e-3,3e-3 [--seeds 0,1] [--steps 300]     (the sweep: sage_dist/bench_quality.py)
 
 One process, the real parameters of a Llama config (fp32, random gradients). For each recipe
 it times optimizer.step() and prints: the bytes the step must move according to its algorithm
@@ -263,12 +265,15 @@ def main(argv=None) -> dict:
     step.add_argument("--json", default="bench_step.json", help="where to write the results")
     step.add_argument("--profile", action="store_true",
                       help="also profile the fused sage-hybrid step per op (torch.profiler)")
-    from .bench_sharded import add_parser, run_sharded
-    add_parser(sub)
+    from . import bench_quality, bench_sharded
+    bench_sharded.add_parser(sub)
+    bench_quality.add_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "step":
         return run_step(args)
-    return run_sharded(args)
+    if args.cmd == "quality":
+        return bench_quality.run_quality(args)
+    return bench_sharded.run_sharded(args)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,46 @@ def test_bench_sharded_runs_fsdp2_and_zero2_and_writes_json(tmp_path, capsys):
             assert 0 < r["step_seconds"] < r["train_step_seconds"]
             assert r["tokens_per_second"] == pytest.approx(2 * 2 * 16 / r["train_step_seconds"])
     assert "tokens/s vs AdamW" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--recipes", "adam"], "'adam' is not a recipe"),
+    (["--lrs", "fast"], "--lrs / --seeds"),
+    (["--lrs", "-1"], "positive"),
+    (["--steps", "0"], "--steps=0"),
+    (["--set", "seq_len"], "KEY=VALUE"),
+])
+def test_bench_quality_refuses_bad_arguments_before_any_run(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["quality", "--out", str(tmp_path / "q"), *argv])
+    assert message in str(e.value)
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_bench_quality_unit_sweep_writes_everything_and_resumes(tmp_path, capsys, monkeypatch):
+    """2 recipes x 2 lrs x 20 steps of the tiny Llama through the trainer; a second call keeps
+    every finished run and reproduces the table."""
+    monkeypatch.setenv("SAGE_DIST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "q"
+    argv = ["quality", "--recipes", "sage-hybrid,adamw", "--lrs", "1e-3,3e-3", "--steps", "20",
+            "--out", str(out), "--jobs", "1", "--threads", "1",
+            "--set", "seq_len=32", "eval_every=10", "eval_batches=1"]
+    res = bench.main(argv)
+    runs = json.loads((out / "runs.json").read_text())
+    assert len(runs) == 4 and not any(r["failed"] for r in runs)
+    assert {r["recipe"] for r in runs} == {"sage-hybrid", "adamw"}
+    for r in runs:
+        assert r["val_ppl"] > 1 and r["state_bytes"] > 0 and len(r["loss_curve"]) == 20
+    # SAGE's state is smaller than AdamW's two moments
+    state = {r["recipe"]: r["state_bytes"] for r in runs}
+    assert state["sage-hybrid"] < state["adamw"] / 2
+    table = (out / "quality.md").read_text()
+    assert "| sage-hybrid |" in table and "| adamw |" in table
+    for png in ("ppl_vs_lr.png", "loss_curves.png", "ppl_vs_state.png"):
+        assert (out / png).stat().st_size > 1000
+    assert len((out / "runs.csv").read_text().splitlines()) == 5
+    capsys.readouterr()
+    again = bench.main(argv)
+    assert capsys.readouterr().out.count("kept from an earlier sweep") == 4
+    assert (out / "quality.md").read_text() == table and again["best"] == res["best"]

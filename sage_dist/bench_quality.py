@@ -1,0 +1,201 @@
+"""`python -m sage_dist.bench quality`: a sweep of recipes x learning rates x seeds through the
+project's own trainer, every run on the same batches and the same number of tokens.
+
+Each run is `python -m sage_dist.train` in its own process, writing to
+<out>/runs/<recipe>_lr<lr>_s<seed>/; a run whose final_rank0.json exists is kept and
+skipped, so an interrupted sweep resumes where it stopped. `--jobs` runs several at once
+(each with `--threads` intra-op threads; the default fits one run per two cores). Outputs:
+
+    <out>/quality.md     best learning rate per recipe: validation perplexity (mean over
+                         seeds, and each seed), optimizer state bytes, tokens/s
+    <out>/runs.json      every run (also runs.csv)
+    <out>/ppl_vs_lr.png, <out>/loss_curves.png, <out>/ppl_vs_state.png
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .optim.recipes import RECIPES
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quality", help="validation perplexity of recipes x learning rates "
+                                       "through the trainer")
+    p.add_argument("--config", default="tiny_single",
+                   help="a training config (shipped name or path) giving model, data, batch")
+    p.add_argument("--recipes", default="sage-hybrid,sinkgd-hybrid,adamw,lion",
+                   help=f"comma-separated, from {', '.join(RECIPES)}")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2", help="comma-separated peak lrs")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--out", default="runs/quality", help="the sweep's directory")
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads per run")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more training-config keys for every run (e.g. seq_len=128)")
+
+
+def _check(args) -> list[tuple[str, float, int]]:
+    recipes = [r for r in args.recipes.split(",") if r]
+    bad = [r for r in recipes if r not in RECIPES]
+    if bad:
+        raise SystemExit(f"--recipes: {bad[0]!r} is not a recipe; allowed: {', '.join(RECIPES)}")
+    try:
+        lrs, seeds = _floats(args.lrs), [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError as e:
+        raise SystemExit(f"--lrs / --seeds: {e}; allowed are comma-separated numbers")
+    if not (recipes and lrs and seeds) or min(lrs) <= 0:
+        raise SystemExit("--recipes, --lrs (positive) and --seeds must each name at least one")
+    for kv in args.set:
+        if "=" not in kv:
+            raise SystemExit(f"--set {kv!r}: allowed is KEY=VALUE")
+    for key in ("steps", "jobs", "threads"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key}={getattr(args, key)}: must be >= 1")
+    return [(r, lr, s) for r in recipes for lr in lrs for s in seeds]
+
+
+def run_name(recipe: str, lr: float, seed: int) -> str:
+    return f"{recipe}_lr{lr:g}_s{seed}"
+
+
+def _one(args, recipe, lr, seed, log) -> dict:
+    out = Path(args.out) / "runs" / run_name(recipe, lr, seed)
+    if not (out / "final_rank0.json").exists():
+        cmd = [sys.executable, "-m", "sage_dist.train", "--config", args.config,
+               "--recipe", recipe, "--lr", repr(lr), "--seed", str(seed),
+               "--steps", str(args.steps), "--out_dir", str(out), "--engine", "single",
+               "--threads", str(args.threads), "--progress", "false", "--plot", "false",
+               "--checkpoint_every", "0", "--resume", "none"]
+        for kv in args.set:
+            k, v = kv.split("=", 1)
+            cmd += [f"--{k}", v]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        if p.returncode != 0:
+            log(f"{out.name}: FAILED (exit {p.returncode}): {p.stderr.strip()[-500:]}")
+            return {"run": out.name, "recipe": recipe, "lr": lr, "seed": seed, "failed": True}
+        log(f"{out.name}: done in {time.perf_counter() - t0:.0f} s")
+    else:
+        log(f"{out.name}: kept from an earlier sweep")
+    return summarise(out, recipe, lr, seed)
+
+
+def summarise(out: Path, recipe: str, lr: float, seed: int) -> dict:
+    """One run's figures from its metrics.jsonl."""
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = next(r for r in recs if r["kind"] == "final")
+    train = [r for r in recs if r["kind"] == "train"]
+    mem = final["memory"][0]
+    tps = [r["tokens_per_s"] for r in train[len(train) // 10:]]   # past the first steps
+    return {"run": out.name, "recipe": recipe, "lr": lr, "seed": seed, "failed": False,
+            "val_ppl": final["val_ppl"], "val_loss": final["val_loss"],
+            "state_bytes": mem["optimizer_state/total"], "tokens_per_s": sum(tps) / len(tps),
+            "loss_curve": [(r["step"], r["loss"]) for r in train], "seconds": final["seconds"]}
+
+
+def best_per_recipe(runs: list[dict]) -> dict:
+    """recipe -> (lr with the lowest mean validation perplexity over seeds, its runs)."""
+    by: dict = {}
+    for r in runs:
+        if not r["failed"]:
+            by.setdefault(r["recipe"], {}).setdefault(r["lr"], []).append(r)
+    mean = lambda rs: sum(x["val_ppl"] for x in rs) / len(rs)   # noqa: E731
+    return {rec: min(lrs.items(), key=lambda kv: mean(kv[1])) for rec, lrs in by.items()}
+
+
+def write_table(runs, path: Path, args) -> str:
+    best = best_per_recipe(runs)
+    order = sorted(best, key=lambda rec: sum(x["val_ppl"] for x in best[rec][1]) /
+                   len(best[rec][1]))
+    lines = [f"Sweep: `{args.config}`, {args.steps} steps, lrs {args.lrs}, seeds {args.seeds}",
+             "", "| recipe | best lr | val ppl (mean) | per seed | optimizer state | tokens/s |",
+             "|---|---:|---:|---|---:|---:|"]
+    for rec in order:
+        lr, rs = best[rec]
+        ppl = sum(x["val_ppl"] for x in rs) / len(rs)
+        seeds = ", ".join(f"{x['val_ppl']:.2f}" for x in sorted(rs, key=lambda x: x["seed"]))
+        lines.append(f"| {rec} | {lr:g} | {ppl:.2f} | {seeds} | "
+                     f"{rs[0]['state_bytes'] / 2**20:.2f} MiB | "
+                     f"{sum(x['tokens_per_s'] for x in rs) / len(rs):,.0f} |")
+    failed = [r["run"] for r in runs if r["failed"]]
+    if failed:
+        lines += ["", f"Failed runs: {', '.join(failed)}"]
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def write_plots(runs, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in runs if not r["failed"]]
+    best = best_per_recipe(runs)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rec in sorted({r["recipe"] for r in ok}):
+        pts = sorted((r["lr"], r["val_ppl"]) for r in ok if r["recipe"] == rec)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=rec)
+    ax.set(xscale="log", yscale="log", xlabel="peak lr", ylabel="validation perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_lr.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rec, (lr, rs) in sorted(best.items()):
+        curve = rs[0]["loss_curve"]
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], label=f"{rec} (lr {lr:g})")
+    ax.set(xlabel="step", ylabel="training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rec, (lr, rs) in sorted(best.items()):
+        ax.scatter(rs[0]["state_bytes"] / 2**20, sum(x["val_ppl"] for x in rs) / len(rs),
+                   label=rec)
+    ax.set(xlabel="optimizer state (MiB)", ylabel="best validation perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_state.png", dpi=120)
+    plt.close("all")
+
+
+def run_quality(args) -> dict:
+    grid = _check(args)
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    done = [0]
+
+    def log(msg):
+        done[0] += 1
+        print(f"[quality {done[0]}/{len(grid)}] {msg}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        runs = list(pool.map(lambda g: _one(args, *g, log), grid))
+    (out / "runs.json").write_text(json.dumps(runs, indent=1))
+    with open(out / "runs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        keys = ["run", "recipe", "lr", "seed", "failed", "val_ppl", "val_loss", "state_bytes",
+                "tokens_per_s", "seconds"]
+        w.writerow(keys)
+        for r in runs:
+            w.writerow([r.get(k, "") for k in keys])
+    print(write_table(runs, out / "quality.md", args), end="")
+    if any(not r["failed"] for r in runs):
+        write_plots(runs, out)
+    print(f"sweep of {len(grid)} runs in {time.perf_counter() - t0:.0f} s; wrote {out}/quality.md, "
+          f"runs.json, runs.csv and the plots")
+    return {"runs": runs, "best": {k: v[0] for k, v in best_per_recipe(runs).items()}}
