@@ -95,7 +95,9 @@ def _one(args, recipe, lr, seed, log) -> dict:
 
 def summarise(out: Path, recipe: str, lr: float, seed: int) -> dict:
     """One run's figures from its metrics.jsonl."""
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    from .train.metrics import read_metrics
+
+    recs = read_metrics(out / "metrics.jsonl")
     final = next(r for r in recs if r["kind"] == "final")
     train = [r for r in recs if r["kind"] == "train"]
     mem = final["memory"][0]
@@ -106,26 +108,28 @@ def summarise(out: Path, recipe: str, lr: float, seed: int) -> dict:
             "loss_curve": [(r["step"], r["loss"]) for r in train], "seconds": final["seconds"]}
 
 
+def mean_ppl(runs: list[dict]) -> float:
+    return sum(r["val_ppl"] for r in runs) / len(runs)
+
+
 def best_per_recipe(runs: list[dict]) -> dict:
     """recipe -> (lr with the lowest mean validation perplexity over seeds, its runs)."""
     by: dict = {}
     for r in runs:
         if not r["failed"]:
             by.setdefault(r["recipe"], {}).setdefault(r["lr"], []).append(r)
-    mean = lambda rs: sum(x["val_ppl"] for x in rs) / len(rs)   # noqa: E731
-    return {rec: min(lrs.items(), key=lambda kv: mean(kv[1])) for rec, lrs in by.items()}
+    return {rec: min(lrs.items(), key=lambda kv: mean_ppl(kv[1])) for rec, lrs in by.items()}
 
 
 def write_table(runs, path: Path, args) -> str:
     best = best_per_recipe(runs)
-    order = sorted(best, key=lambda rec: sum(x["val_ppl"] for x in best[rec][1]) /
-                   len(best[rec][1]))
+    order = sorted(best, key=lambda rec: mean_ppl(best[rec][1]))
     lines = [f"Sweep: `{args.config}`, {args.steps} steps, lrs {args.lrs}, seeds {args.seeds}",
              "", "| recipe | best lr | val ppl (mean) | per seed | optimizer state | tokens/s |",
              "|---|---:|---:|---|---:|---:|"]
     for rec in order:
         lr, rs = best[rec]
-        ppl = sum(x["val_ppl"] for x in rs) / len(rs)
+        ppl = mean_ppl(rs)
         seeds = ", ".join(f"{x['val_ppl']:.2f}" for x in sorted(rs, key=lambda x: x["seed"]))
         lines.append(f"| {rec} | {lr:g} | {ppl:.2f} | {seeds} | "
                      f"{rs[0]['state_bytes'] / 2**20:.2f} MiB | "
@@ -163,8 +167,7 @@ def write_plots(runs, out: Path) -> None:
     fig.savefig(out / "loss_curves.png", dpi=120)
     fig, ax = plt.subplots(figsize=(6, 4))
     for rec, (lr, rs) in sorted(best.items()):
-        ax.scatter(rs[0]["state_bytes"] / 2**20, sum(x["val_ppl"] for x in rs) / len(rs),
-                   label=rec)
+        ax.scatter(rs[0]["state_bytes"] / 2**20, mean_ppl(rs), label=rec)
     ax.set(xlabel="optimizer state (MiB)", ylabel="best validation perplexity")
     ax.legend()
     fig.tight_layout()

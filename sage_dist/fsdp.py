@@ -51,11 +51,11 @@ def shard_llama(model: nn.Module, mesh, *, bf16: bool = False, reshard_after_for
     return model
 
 
-def _tp_divides(model: nn.Module, tp: int) -> None:
-    """Attention heads are split whole across TP ranks: refuse degrees that do not divide."""
-    cfg = getattr(model, "config", None)
+def check_tp_heads(config, tp: int) -> None:
+    """Attention heads are split whole across TP ranks: refuse degrees that do not divide
+    a (Llama) config's query or key/value heads."""
     for key in ("num_attention_heads", "num_key_value_heads"):
-        n = getattr(cfg, key, None)
+        n = getattr(config, key, None)
         if n is not None and n % tp:
             raise ValueError(f"tp={tp} does not divide the model's {key}={n}: each TP rank "
                              f"computes whole heads; allowed are divisors of {n}")
@@ -88,7 +88,7 @@ def parallelize_llama(model: nn.Module, mesh, *, tp: str = "tp", dp: str = "dp",
             raise ValueError(f"{key}={dim!r} is not a dim of the mesh (dims {names}): name "
                              f"the mesh dims with init_device_mesh(..., mesh_dim_names=...)")
     tp_mesh = mesh[tp]
-    _tp_divides(model, tp_mesh.size())
+    check_tp_heads(getattr(model, "config", None), tp_mesh.size())
     base = getattr(model, "model", model)
     parallelize_module(base, tp_mesh, {"embed_tokens": RowwiseParallel(
         input_layouts=Replicate(), output_layouts=Replicate())})

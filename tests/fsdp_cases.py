@@ -235,18 +235,22 @@ def full_state(model, opt):
     return out
 
 
-def checkpoint_save(rank, world, recipe, path, steps):
+def dcp_save(model, opt, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+
+
+def checkpoint_save(rank, world, recipe, path, steps):
     model = sharded_model(make_mesh((world,)))
     opt = sage_dist.build_optimizer(model, recipe)
     _train(model, opt, rank, world, steps)
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    dcp_save(model, opt, path)
     return full_state(model, opt)
 
 
-def _load(model, opt, path):
+def dcp_load(model, opt, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     msd, osd = get_state_dict(model, opt)
@@ -275,7 +279,7 @@ def checkpoint_resume(rank, world, recipe, path, done, total):
 
     model = sharded_model(mesh, seed=1)   # different init: everything must come from the file
     opt = sage_dist.build_optimizer(model, recipe)
-    _load(model, opt, path)
+    dcp_load(model, opt, path)
     loaded = full_state(model, opt)
     exact = _exact_steps(model, opt, rank, world, done, total - done)
     a = dict((n, p.full_tensor()) for n, p in straight.named_parameters())

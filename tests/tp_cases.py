@@ -21,7 +21,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 import sage_dist
 from sage_dist.fsdp import llama_step_floats
 from sage_dist.shard.comm import param_floats
-from fsdp_cases import Oracle, full_state, oracle_steps
+from fsdp_cases import Oracle, dcp_load, dcp_save, full_state, oracle_steps
 
 VOCAB, HIDDEN, FFN, ODD = 37, 12, 18, 13
 
@@ -141,13 +141,10 @@ def _steps(model, opt, start, stop):
 def checkpoint_save(rank, world, shape, recipe, path, steps):
     """`steps` steps at mesh `shape`, then torch.distributed.checkpoint of model + optimizer;
     returns every parameter and state tensor gathered whole."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     model, _ = tp_model(shape)
     opt = sage_dist.build_optimizer(model, recipe)
     _steps(model, opt, 0, steps)
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    dcp_save(model, opt, path)
     return full_state(model, opt)
 
 
@@ -155,14 +152,9 @@ def checkpoint_load(rank, world, shape, recipe, path, done, more):
     """Load at another mesh (a model of a different init: everything must come from the
     file); the state gathered whole, then `more` steps each against the oracle stepped from
     the same full state."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model, _ = tp_model(shape, seed=1)
     opt = sage_dist.build_optimizer(model, recipe)
-    msd, osd = get_state_dict(model, opt)
-    sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    dcp_load(model, opt, path)
     loaded = full_state(model, opt)
     oracle = Oracle(opt, seed_state=True)
     for step in range(done, done + more):

@@ -315,11 +315,11 @@ def model_config(cfg: TrainConfig):
         mc = load_llama_config(cfg.model)
     except ValueError as e:  # not JSON, or not a Llama config: the message names model=VALUE
         raise ConfigError(str(e)) from None
-    for key in ("num_attention_heads", "num_key_value_heads"):
-        n = getattr(mc, key, None) or mc.num_attention_heads
-        if n % cfg.tp:
-            raise ConfigError(f"tp={cfg.tp} does not divide the model's {key}={n} "
-                              f"({cfg.model}): each TP rank computes whole heads")
+    from sage_dist.fsdp import check_tp_heads
+    try:
+        check_tp_heads(mc, cfg.tp)
+    except ValueError as e:
+        raise ConfigError(f"{e} ({cfg.model})") from None
     if cfg.seq_len > mc.max_position_embeddings:
         raise ConfigError(f"seq_len={cfg.seq_len}: must be <= the model's "
                           f"max_position_embeddings {mc.max_position_embeddings}")
