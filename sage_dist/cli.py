@@ -121,7 +121,7 @@ def _model_config(name_or_path: str, ap) -> str:
 
 def main(argv=None) -> int:
     from . import models
-    from .optim.recipes import RECIPES, describe
+    from .optim.recipes import RECIPES, VARIANTS, describe
 
     ap = argparse.ArgumentParser(prog="sage-dist")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("describe", help="print the routing table of a model under a recipe")
     d.add_argument("--model", required=True, help="a LlamaConfig JSON path or a shipped "
                    f"model config ({', '.join(shipped)}), e.g. llama_tiny")
-    d.add_argument("--recipe", default="sage-hybrid", choices=list(RECIPES))
+    d.add_argument("--recipe", default="sage-hybrid", choices=[*RECIPES, *VARIANTS])
     d.add_argument("--head", default="sage", choices=["sage", "auto", "sinkhorn"])
     _memory_parser(sub, list(RECIPES), shipped)
     args = ap.parse_args(argv)

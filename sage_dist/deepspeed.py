@@ -19,7 +19,7 @@ import json
 import os
 
 from .optim.optimizer import RoutedOptimizer
-from .optim.recipes import RECIPES, build_optimizer
+from .optim.recipes import RECIPES, VARIANTS, build_optimizer
 from .shard import zero
 from .shard.layout import PendingLayout, make_layout
 
@@ -36,7 +36,7 @@ def our_recipe(type_name: str) -> str | None:
     key = str(type_name).strip().lower().replace("_", "-")
     prefixed = key.startswith(PREFIX.replace("_", "-"))
     key = key[len(PREFIX):] if prefixed else key
-    if key not in RECIPES:
+    if key not in RECIPES and key not in VARIANTS:
         return None
     if not prefixed and key.replace("-", "") in deepspeed_builtin_types():
         return None  # DeepSpeed's own (adamw, lion)

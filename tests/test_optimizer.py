@@ -11,6 +11,7 @@ from sage_dist.testing import compare
 from conftest import tiny_llama
 
 RECIPES = ["sage-hybrid", "sage", "sinkgd-hybrid", "scale", "lion", "adamw"]
+VARIANTS = list(sage_dist.optim.recipes.VARIANTS)   # the ablations of docs/QUALITY.md
 SIGN_RULES = {"sage", "lion"}
 
 
@@ -25,7 +26,7 @@ def _grads(model, step):
     model(x, labels=x).loss.backward()
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", RECIPES + VARIANTS)
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_engine_equals_reference_every_step(recipe, tie):
     """Per step, from the same parameters and gradients (docs/DISTRIBUTED.md, "Exactness"),

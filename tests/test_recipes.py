@@ -132,6 +132,7 @@ def test_recipe_names_are_case_and_separator_insensitive():
 BAD = [
     (dict(recipe="sage-hybird"), "recipe='sage-hybird'"),
     (dict(lr=-1.0), "lr=-1.0"),
+    (dict(recipe="sage-hybrid.sage-lr10", lr="fast"), "lr='fast'"),
     (dict(betas=(0.9, 1.0)), "betas[1]=1.0"),
     (dict(betas=(-0.1, 0.9)), "betas[0]=-0.1"),
     (dict(eps=0.0), "eps=0.0"),
@@ -187,3 +188,49 @@ def test_fsdp1_flat_parameters_are_refused():
     wrapped.inner = nn.Linear(3, 4)
     with pytest.raises(NotImplementedError, match="FSDP1 .*fully_shard"):
         sage_dist.build_optimizer(nn.Sequential(wrapped), "sage-hybrid")
+
+
+# -- the variants of sage-hybrid (the ablations of docs/QUALITY.md) ------------------------
+def _groups(recipe, **kw):
+    return {g["name"]: g for g in sage_dist.build_optimizer(tiny_llama(), recipe, **kw)
+            .param_groups}
+
+
+def test_every_variant_changes_one_thing_of_sage_hybrid():
+    from sage_dist.optim.recipes import VARIANTS
+    base = _groups("sage-hybrid", lr=1e-3)
+    keys = ("rule", "lr", "betas", "weight_decay", "momentum_first", "linear_lr_scale",
+            "sinkhorn_scale")
+    changed = {}
+    for name, rec in VARIANTS.items():
+        assert name.startswith("sage-hybrid.") and rec.note
+        got = _groups(name, lr=1e-3)
+        assert set(got) == set(base)
+        changed[name] = {(cat, k): got[cat].get(k) for cat in base for k in keys
+                         if got[cat].get(k) != base[cat].get(k)}
+    assert changed["sage-hybrid.head-sinkhorn"][("head", "rule")] == "sinkhorn"
+    for x in (3.0, 10.0, 0.3):
+        c = changed[f"sage-hybrid.sage-lr{x:g}"]
+        assert c == {(cat, "lr"): pytest.approx(1e-3 * x) for cat in
+                     ("embedding", "head", "vector")}, c
+    c = changed["sage-hybrid.dense-sinkgd"]
+    assert c[("matrix", "rule")] == "sinkgd" and c[("matrix", "linear_lr_scale")] == 0.05
+    c = changed["sage-hybrid.vector-adamw"]
+    assert c[("vector", "rule")] == "adamw" and c[("vector", "betas")] == (0.9, 0.999)
+    assert c[("vector", "weight_decay")] == 0.0 and {k[0] for k in c} == {"vector"}
+    c = changed["sage-hybrid.lion-order"]
+    assert c == {("embedding", "momentum_first"): False, ("head", "momentum_first"): False,
+                 ("vector", "momentum_first"): False}
+    c = changed["sage-hybrid.embed-head-adamw"]
+    assert {k[0] for k in c} == {"embedding", "head"}
+    assert c[("embedding", "rule")] == c[("head", "rule")] == "adamw"
+
+
+def test_variants_take_user_hyperparameters_and_are_refused_by_name():
+    g = _groups("sage-hybrid.sage-lr10", lr=2e-3, weight_decay=0.1)
+    assert g["embedding"]["lr"] == pytest.approx(2e-2) and g["matrix"]["lr"] == 2e-3
+    assert {x["weight_decay"] for x in g.values()} == {0.1}
+    with pytest.raises(ValueError, match="variant of sage-hybrid: sage-hybrid.head-sinkhorn"):
+        sage_dist.build_optimizer(tiny_llama(), "sage-hybrid.nope")
+    assert "sage-hybrid" in sage_dist.optim.RECIPES and \
+        "sage-hybrid.sage-lr10" not in sage_dist.optim.RECIPES   # the paper's recipes only

@@ -26,6 +26,9 @@ class Recipe:
     name: str
     routes: dict            # category -> rule name ("head" may be resolved by head=...)
     defaults: dict = field(default_factory=dict)
+    lr_scale: dict = field(default_factory=dict)   # category -> multiplier of the peak lr
+    by_category: dict = field(default_factory=dict)   # category -> defaults of its groups
+    note: str = ""          # what a variant changes (VARIANTS)
 
 
 _SAGE = dict(lr=2e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
@@ -48,12 +51,56 @@ RECIPES = {r.name: r for r in (
 )}
 
 
+
+
+def _variant(suffix: str, note: str, *, routes=None, defaults=None, lr_scale=None,
+             by_category=None) -> Recipe:
+    base = RECIPES["sage-hybrid"]
+    return Recipe(f"sage-hybrid.{suffix}", {**base.routes, **(routes or {})},
+                  {**base.defaults, **(defaults or {})}, dict(lr_scale or {}),
+                  dict(by_category or {}), note)
+
+
+# AdamW where a variant puts it: sinkgd-hybrid's settings, not SAGE's betas and decay.
+_ADAMW = dict(betas=(0.9, 0.999), weight_decay=0.0)
+
+
+_SAGE_GROUPS = ("embedding", "head", "vector")
+# One change each to sage-hybrid, to find what separates it from sinkgd-hybrid
+# (docs/QUALITY.md, the ablations). sage-hybrid itself stays the paper's recipe.
+VARIANTS = {r.name: r for r in (
+    _variant("head-sinkhorn", "the untied head takes the dense Sinkhorn rule, not SAGE",
+             routes=dict(head="sinkhorn")),
+    _variant("sage-lr3", "the SAGE groups (embedding, head, 1-D) at 3x the peak lr",
+             lr_scale=dict.fromkeys(_SAGE_GROUPS, 3.0)),
+    _variant("sage-lr10", "the SAGE groups (embedding, head, 1-D) at 10x the peak lr",
+             lr_scale=dict.fromkeys(_SAGE_GROUPS, 10.0)),
+    _variant("sage-lr0.3", "the SAGE groups (embedding, head, 1-D) at 0.3x the peak lr",
+             lr_scale=dict.fromkeys(_SAGE_GROUPS, 0.3)),
+    _variant("dense-sinkgd", "the dense matrices take SinkGD (RMS-normalised, x alpha 0.05) "
+             "instead of unit-norm Sinkhorn x kappa 10", routes=dict(matrix="sinkgd"),
+             defaults=dict(linear_lr_scale=0.05)),
+    _variant("vector-adamw", "the 1-D parameters take AdamW instead of SAGE",
+             routes=dict(vector="adamw"), by_category=dict(vector=_ADAMW)),
+    _variant("lion-order", "SAGE forms the sign from the old momentum, then updates it "
+             "(momentum_first=False, Lion's order)", defaults=dict(momentum_first=False)),
+    _variant("embed-head-adamw", "the embedding and the head take AdamW (our dense path "
+             "and 1-D SAGE unchanged)", routes=dict(embedding="adamw", head="adamw"),
+             by_category=dict(embedding=_ADAMW, head=_ADAMW)),
+)}
+
+
 def get_recipe(name) -> Recipe:
+    """A recipe of RECIPES, or a variant of sage-hybrid from VARIANTS."""
+    if isinstance(name, Recipe):
+        return name
     key = str(name).strip().lower().replace("_", "-")
-    if key not in RECIPES:
+    found = RECIPES.get(key) or VARIANTS.get(key)
+    if found is None:
         raise ValueError(f"recipe={name!r} is not a known recipe: allowed are "
-                         f"{', '.join(RECIPES)}")
-    return RECIPES[key]
+                         f"{', '.join(RECIPES)}, or a variant of sage-hybrid: "
+                         f"{', '.join(VARIANTS)}")
+    return found
 
 
 # -- classification -----------------------------------------------------------------------
@@ -167,11 +214,15 @@ def route(model: nn.Module, recipe="sage-hybrid", overrides=None, head: str = "s
     return rec, dict(rules), rows
 
 
-def _group_hparams(rule_name: str, rec: Recipe, user: dict, extra: dict) -> dict:
+def _group_hparams(rule_name: str, rec: Recipe, user: dict, extra: dict, cat: str) -> dict:
     rule = get_rule(rule_name)
     hp = dict(rule.defaults)
-    for source in (rec.defaults, user, extra):
+    for source in (rec.defaults, rec.by_category.get(cat, {}), user, extra):
         hp.update({k: v for k, v in source.items() if k in rule.defaults})
+    scale = rec.lr_scale.get(cat)
+    if scale is not None and isinstance(hp.get("lr"), (int, float)) \
+            and not isinstance(hp["lr"], bool):   # anything else: the rule's check refuses it
+        hp["lr"] = hp["lr"] * scale
     return hp
 
 
@@ -199,7 +250,8 @@ def param_groups(model: nn.Module, recipe="sage-hybrid", lr=None, overrides=None
         if key not in groups:
             extra = {k: v for k, v in specs.get(key[len("override:"):], {}).items()
                      if k != "rule"} if key.startswith("override:") else {}
-            hp = _group_hparams(rule, rec, user, extra)
+            # an override group's per-category settings would be ambiguous: none apply
+            hp = _group_hparams(rule, rec, user, extra, cat if key == cat else None)
             bad = set(extra) - set(get_rule(rule).defaults)
             if bad:
                 raise ValueError(f"overrides[{key[9:]!r}].{sorted(bad)[0]} is not a "
