@@ -116,6 +116,18 @@ def nonzero_rules(by_rule: dict) -> dict:
     return {k: v for k, v in sorted(by_rule.items()) if v["elementwise"] or v["replicated"]}
 
 
+def _state_tensors(values):
+    """The tensors of a state dict's values, including those an object holds one level down
+    (GaLore's and APOLLO's projectors keep their projection matrix as an attribute)."""
+    for v in values:
+        if torch.is_tensor(v):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (t for t in v if torch.is_tensor(t))
+        elif hasattr(v, "__dict__") and not isinstance(v, type):
+            yield from (t for t in vars(v).values() if torch.is_tensor(t))
+
+
 def optimizer_state_bytes(opt) -> dict:
     """This rank's optimizer-state bytes: {'elementwise', 'replicated', 'total', 'by_rule',
     'by_device'}.
@@ -136,9 +148,7 @@ def optimizer_state_bytes(opt) -> dict:
         name = type(opt).__name__
         for p, st in opt.state.items():
             local_p = p._local_tensor if isinstance(p, DTensor) else p
-            for t in st.values():
-                if not torch.is_tensor(t):
-                    continue
+            for t in _state_tensors(st.values()):
                 local = t._local_tensor if isinstance(t, DTensor) else t
                 kind = "elementwise" if local.numel() == local_p.numel() and local.dim() > 0 \
                     else "replicated"

@@ -35,8 +35,9 @@ class ConfigError(ValueError):
 class TrainConfig:
     # model and optimizer
     model: str = "configs/models/llama_tiny.json"  # a Hugging Face LlamaConfig JSON
-    recipe: str = "sage-hybrid"  # sage_dist.build_optimizer recipe
-    lr: float | None = None  # peak learning rate; None: the recipe's default
+    recipe: str = "sage-hybrid"  # sage_dist.build_optimizer recipe (or variant), or a
+    #                              package baseline of sage_dist.baselines (single, ddp)
+    lr: float | None = None  # peak learning rate; None: the recipe's default (baselines: 1e-3)
     weight_decay: float | None = None  # None: the recipe's default
     engine: str = "single"  # deepspeed | fsdp2 | ddp | single
     tp: int = 1  # tensor-parallel degree (engine=fsdp2): a (world / tp, tp) mesh, FSDP2 x TP
@@ -239,11 +240,23 @@ def validate(cfg: TrainConfig) -> None:
           "allowed: float32, bfloat16")
     _need(cfg.nonfinite in ("skip", "raise"), "nonfinite", cfg.nonfinite,
           "allowed: skip, raise")
+    from sage_dist.baselines import BASELINES, check_baseline
     from sage_dist.optim.recipes import get_recipe
     try:
-        get_recipe(cfg.recipe)
-    except ValueError as e:  # names recipe=VALUE and the recipes allowed
-        raise ConfigError(str(e)) from None
+        if cfg.recipe in BASELINES:
+            check_baseline(cfg.recipe, cfg.engine)
+        else:
+            get_recipe(cfg.recipe)
+    except ValueError as e:  # names recipe=VALUE and what is allowed
+        msg = str(e) if cfg.recipe in BASELINES else f"{e}; or a package baseline: " \
+            f"{', '.join(BASELINES)}"
+        raise ConfigError(msg) from None
+    if cfg.recipe in BASELINES:   # the package keeps its own fp32 state, and sees NaNs
+        for key, plain in (("state_dtype", "float32"), ("stochastic_rounding", False),
+                           ("nonfinite", "skip")):
+            _need(getattr(cfg, key) == plain, key, getattr(cfg, key),
+                  f"recipe={cfg.recipe!r} is a package baseline, which has no such option; "
+                  f"allowed: {plain}")
     if cfg.lr is not None:
         _need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a positive number")
     if cfg.weight_decay is not None:

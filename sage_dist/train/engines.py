@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sage_dist.baselines import BASELINES, build_baseline
 from sage_dist.models import build_model
 
 from .config import TrainConfig
@@ -164,7 +165,12 @@ class PlainEngine(Engine):
                                else None)
         else:
             self.wrapped = self.model
-        self.sage = self.opt = build_optimizer(self.model, cfg.recipe, **optimizer_kwargs(cfg))
+        if cfg.recipe in BASELINES:   # a package's optimizer (the quality benchmark)
+            self.sage = self.opt = build_baseline(self.model, cfg.recipe, cfg.lr or 1e-3, mc,
+                                                  cfg.weight_decay)
+        else:
+            self.sage = self.opt = build_optimizer(self.model, cfg.recipe,
+                                                   **optimizer_kwargs(cfg))
         self._remember_lrs(self.opt.param_groups)
 
     def module(self):
