@@ -4,10 +4,18 @@ project's own trainer, every run on the same batches and the same number of toke
 Each run is `python -m sage_dist.train` in its own process, writing to
 <out>/runs/<recipe>_lr<lr>_s<seed>/; a run whose final_rank0.json exists is kept and
 skipped, so an interrupted sweep resumes where it stopped. `--jobs` runs several at once
-(each with `--threads` intra-op threads; the default fits one run per two cores). Outputs:
+(each with `--threads` intra-op threads; the default fits one run per two cores).
+
+A recipe is one of sage_dist's recipes, a variant of sage-hybrid (optim.recipes.VARIANTS, the
+ablations) or a package baseline (sage_dist.baselines). `--lrs` is the grid of every recipe;
+`--grid RECIPE=LR,LR` gives one recipe its own. One directory is one setup: its tables cover
+every finished run in it, so later calls (more seeds at the best lr, more recipes) add to the
+same tables. Outputs:
 
     <out>/quality.md     best learning rate per recipe: validation perplexity (mean over
-                         seeds, and each seed), optimizer state bytes, tokens/s
+                         seeds, and each seed), optimizer state bytes, tokens/s; and, when
+                         sage-hybrid and sinkgd-hybrid are both there, the share of the gap
+                         between them that each recipe closes
     <out>/runs.json      every run (also runs.csv)
     <out>/ppl_vs_lr.png, <out>/loss_curves.png, <out>/ppl_vs_state.png
 """
@@ -22,7 +30,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .optim.recipes import RECIPES
+from .baselines import BASELINES
+from .optim.recipes import RECIPES, VARIANTS
+
+CHOICES = (*RECIPES, *VARIANTS, *BASELINES)
 
 
 def _floats(text: str) -> list[float]:
@@ -35,8 +46,13 @@ def add_parser(sub) -> None:
     p.add_argument("--config", default="tiny_single",
                    help="a training config (shipped name or path) giving model, data, batch")
     p.add_argument("--recipes", default="sage-hybrid,sinkgd-hybrid,adamw,lion",
-                   help=f"comma-separated, from {', '.join(RECIPES)}")
+                   help=f"comma-separated, from {', '.join(CHOICES)}")
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2", help="comma-separated peak lrs")
+    p.add_argument("--grid", nargs="*", default=[], metavar="RECIPE=LR,LR",
+                   help="a recipe's own lrs, replacing --lrs for it")
+    p.add_argument("--top", type=int, default=0,
+                   help="instead of a grid: the N best of --recipes among the finished runs "
+                        "in --out, each at its best lr, with --seeds")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", default="runs/quality", help="the sweep's directory")
@@ -48,26 +64,71 @@ def add_parser(sub) -> None:
 
 def _check(args) -> list[tuple[str, float, int]]:
     recipes = [r for r in args.recipes.split(",") if r]
-    bad = [r for r in recipes if r not in RECIPES]
+    bad = [r for r in recipes if r not in CHOICES]
     if bad:
-        raise SystemExit(f"--recipes: {bad[0]!r} is not a recipe; allowed: {', '.join(RECIPES)}")
+        raise SystemExit(f"--recipes: {bad[0]!r} is not a recipe; allowed: {', '.join(CHOICES)}")
     try:
         lrs, seeds = _floats(args.lrs), [int(s) for s in args.seeds.split(",") if s.strip()]
+        grid = {}
+        for item in args.grid:
+            rec, _, values = item.partition("=")
+            if rec not in recipes:
+                raise SystemExit(f"--grid {item!r}: {rec!r} is not in --recipes "
+                                 f"({', '.join(recipes)})")
+            grid[rec] = _floats(values)
     except ValueError as e:
-        raise SystemExit(f"--lrs / --seeds: {e}; allowed are comma-separated numbers")
-    if not (recipes and lrs and seeds) or min(lrs) <= 0:
-        raise SystemExit("--recipes, --lrs (positive) and --seeds must each name at least one")
+        raise SystemExit(f"--lrs / --grid / --seeds: {e}; allowed are comma-separated numbers")
+    if not (recipes and lrs and seeds) or min(lrs) <= 0 or \
+            any(not v or min(v) <= 0 for v in grid.values()):
+        raise SystemExit("--recipes, --lrs and --grid (positive) and --seeds must each name "
+                         "at least one")
     for kv in args.set:
         if "=" not in kv:
             raise SystemExit(f"--set {kv!r}: allowed is KEY=VALUE")
     for key in ("steps", "jobs", "threads"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key}={getattr(args, key)}: must be >= 1")
-    return [(r, lr, s) for r in recipes for lr in lrs for s in seeds]
+    if args.top < 0:
+        raise SystemExit(f"--top={args.top}: must be >= 0 (0: the grid)")
+    if args.top:
+        return [(r, lr, s) for r, lr in top_recipes(Path(args.out), recipes, args.top)
+                for s in seeds]
+    return [(r, lr, s) for r in recipes for lr in grid.get(r, lrs) for s in seeds]
+
+
+def finished_runs(out: Path) -> list[dict]:
+    """Every finished run in a sweep directory."""
+    found = []
+    for d in sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []:
+        parsed = parse_run_name(d.name)
+        if parsed and (d / "final_rank0.json").exists():
+            found.append(summarise(d, *parsed))
+    return found
+
+
+def top_recipes(out: Path, recipes: list[str], n: int) -> list[tuple[str, float]]:
+    """(recipe, best lr) of the n recipes of `recipes` with the lowest best perplexity."""
+    best = best_per_recipe([r for r in finished_runs(out) if r["recipe"] in recipes])
+    if not best:
+        raise SystemExit(f"--top {n}: no finished run of {', '.join(recipes)} in {out}; run "
+                         f"the grid first")
+    order = sorted(best, key=lambda rec: mean_ppl(best[rec][1]))[:n]
+    return [(rec, best[rec][0]) for rec in order]
 
 
 def run_name(recipe: str, lr: float, seed: int) -> str:
     return f"{recipe}_lr{lr:g}_s{seed}"
+
+
+def parse_run_name(name: str) -> tuple[str, float, int] | None:
+    """run_name's inverse (recipe names hold no underscore), or None for another folder."""
+    parts = name.rsplit("_", 2)
+    if len(parts) != 3 or not parts[1].startswith("lr") or not parts[2].startswith("s"):
+        return None
+    try:
+        return parts[0], float(parts[1][2:]), int(parts[2][1:])
+    except ValueError:
+        return None
 
 
 def _one(args, recipe, lr, seed, log) -> dict:
@@ -124,16 +185,26 @@ def best_per_recipe(runs: list[dict]) -> dict:
 def write_table(runs, path: Path, args) -> str:
     best = best_per_recipe(runs)
     order = sorted(best, key=lambda rec: mean_ppl(best[rec][1]))
-    lines = [f"Sweep: `{args.config}`, {args.steps} steps, lrs {args.lrs}, seeds {args.seeds}",
-             "", "| recipe | best lr | val ppl (mean) | per seed | optimizer state | tokens/s |",
-             "|---|---:|---:|---|---:|---:|"]
+    gap = None
+    if "sage-hybrid" in best and "sinkgd-hybrid" in best:
+        ref = mean_ppl(best["sage-hybrid"][1])
+        gap = ref - mean_ppl(best["sinkgd-hybrid"][1])
+    gap_head = " gap closed |" if gap and gap > 0 else ""
+    lrs = {rec: sorted({r["lr"] for r in runs if r["recipe"] == rec}) for rec in best}
+    lines = [f"Sweep: `{args.config}`, {args.steps} steps, every finished run in {args.out}",
+             "", f"| recipe | best lr | lrs tried | val ppl (mean) | per seed | optimizer state |"
+             f" tokens/s |{gap_head}",
+             "|---|---:|---|---:|---|---:|---:|" + ("---:|" if gap_head else "")]
     for rec in order:
         lr, rs = best[rec]
         ppl = mean_ppl(rs)
         seeds = ", ".join(f"{x['val_ppl']:.2f}" for x in sorted(rs, key=lambda x: x["seed"]))
-        lines.append(f"| {rec} | {lr:g} | {ppl:.2f} | {seeds} | "
-                     f"{rs[0]['state_bytes'] / 2**20:.2f} MiB | "
-                     f"{sum(x['tokens_per_s'] for x in rs) / len(rs):,.0f} |")
+        row = (f"| {rec} | {lr:g} | {', '.join(f'{x:g}' for x in lrs[rec])} | {ppl:.2f} | "
+               f"{seeds} | {rs[0]['state_bytes'] / 2**20:.2f} MiB | "
+               f"{sum(x['tokens_per_s'] for x in rs) / len(rs):,.0f} |")
+        if gap_head:   # the share of sage-hybrid's deficit to sinkgd-hybrid this recipe closes
+            row += f" {100 * (ref - ppl) / gap:.0f} % |"
+        lines.append(row)
     failed = [r["run"] for r in runs if r["failed"]]
     if failed:
         lines += ["", f"Failed runs: {', '.join(failed)}"]
@@ -149,27 +220,28 @@ def write_plots(runs, out: Path) -> None:
 
     ok = [r for r in runs if not r["failed"]]
     best = best_per_recipe(runs)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=plt.cm.tab20.colors)  # many recipes
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for rec in sorted({r["recipe"] for r in ok}):
         pts = sorted((r["lr"], r["val_ppl"]) for r in ok if r["recipe"] == rec)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=rec)
     ax.set(xscale="log", yscale="log", xlabel="peak lr", ylabel="validation perplexity")
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_lr.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for rec, (lr, rs) in sorted(best.items()):
         curve = rs[0]["loss_curve"]
         ax.plot([c[0] for c in curve], [c[1] for c in curve], label=f"{rec} (lr {lr:g})")
     ax.set(xlabel="step", ylabel="training loss")
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for rec, (lr, rs) in sorted(best.items()):
         ax.scatter(rs[0]["state_bytes"] / 2**20, mean_ppl(rs), label=rec)
     ax.set(xlabel="optimizer state (MiB)", ylabel="best validation perplexity")
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_state.png", dpi=120)
     plt.close("all")
@@ -188,6 +260,8 @@ def run_quality(args) -> dict:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(lambda g: _one(args, *g, log), grid))
+    mine = {r["run"] for r in runs}   # and earlier calls' runs in this directory
+    runs += [r for r in finished_runs(out) if r["run"] not in mine]
     (out / "runs.json").write_text(json.dumps(runs, indent=1))
     with open(out / "runs.csv", "w", newline="") as fh:
         w = csv.writer(fh)

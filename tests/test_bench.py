@@ -86,10 +86,15 @@ def test_bench_sharded_runs_fsdp2_and_zero2_and_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--recipes", "adam"], "'adam' is not a recipe"),
-    (["--lrs", "fast"], "--lrs / --seeds"),
+    (["--lrs", "fast"], "--lrs / --grid / --seeds"),
     (["--lrs", "-1"], "positive"),
     (["--steps", "0"], "--steps=0"),
     (["--set", "seq_len"], "KEY=VALUE"),
+    (["--recipes", "adamw", "--grid", "muon=1e-3"], "'muon' is not in --recipes"),
+    (["--recipes", "muon", "--grid", "muon=x"], "--lrs / --grid / --seeds"),
+    (["--recipes", "muon", "--grid", "muon=0"], "positive"),
+    (["--recipes", "muon", "--top", "3"], "--top 3: no finished run of muon"),
+    (["--top", "-1"], "--top=-1"),
 ])
 def test_bench_quality_refuses_bad_arguments_before_any_run(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -125,3 +130,45 @@ def test_bench_quality_unit_sweep_writes_everything_and_resumes(tmp_path, capsys
     again = bench.main(argv)
     assert capsys.readouterr().out.count("kept from an earlier sweep") == 4
     assert (out / "quality.md").read_text() == table and again["best"] == res["best"]
+    # a second seed for the best recipe at its best lr, added to the same directory's tables
+    capsys.readouterr()
+    top = bench.main([*argv[:1], "--recipes", "sage-hybrid,adamw", "--top", "1", "--seeds",
+                      "0,1", *argv[5:]])
+    assert capsys.readouterr().out.count("done in") == 1
+    best_rec = min(res["best"], key=lambda rec: next(
+        r["val_ppl"] for r in runs if r["recipe"] == rec and r["lr"] == res["best"][rec]))
+    seeds = [r for r in top["runs"] if r["recipe"] == best_rec and
+             r["lr"] == res["best"][best_rec]]
+    assert sorted(r["seed"] for r in seeds) == [0, 1] and len(top["runs"]) == 5
+
+
+def test_bench_quality_tables_from_run_summaries(tmp_path):
+    """The table over runs (no training): best lr by the mean over seeds, the lrs tried, and
+    the share of the sage-hybrid -> sinkgd-hybrid gap each recipe closes; names parse back."""
+    from types import SimpleNamespace
+
+    from sage_dist import bench_quality as Q
+
+    def run(recipe, lr, seed, ppl):
+        return dict(run=Q.run_name(recipe, lr, seed), recipe=recipe, lr=lr, seed=seed,
+                    failed=False, val_ppl=ppl, state_bytes=2**20, tokens_per_s=100.0)
+    runs = [run("sage-hybrid", 1e-3, 0, 90.0), run("sage-hybrid", 1e-3, 1, 94.0),
+            run("sage-hybrid", 3e-3, 0, 91.0),          # one lucky seed does not win
+            run("sinkgd-hybrid", 1e-2, 0, 72.0),
+            run("sage-hybrid.sage-lr10", 1e-3, 0, 77.0), run("muon", 3e-3, 0, 100.0)]
+    best = Q.best_per_recipe(runs)
+    assert best["sage-hybrid"][0] == 3e-3 and best["muon"][0] == 3e-3
+    runs[2]["val_ppl"] = 93.0
+    assert Q.best_per_recipe(runs)["sage-hybrid"][0] == 1e-3          # mean 92 < 93
+    args = SimpleNamespace(config="tiny_single", steps=10, out=str(tmp_path))
+    text = Q.write_table(runs, tmp_path / "q.md", args)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| ") and "recipe" not in line}
+    assert rows["sage-hybrid"].rstrip().endswith("| 0 % |")
+    assert rows["sinkgd-hybrid"].rstrip().endswith("| 100 % |")
+    assert rows["sage-hybrid.sage-lr10"].rstrip().endswith("| 75 % |")   # (92-77)/(92-72)
+    assert rows["muon"].rstrip().endswith("| -40 % |")
+    assert "| 0.001, 0.003 |" in rows["sage-hybrid"] and "| 90.00, 94.00 |" in rows["sage-hybrid"]
+    for r in runs:
+        assert Q.parse_run_name(r["run"]) == (r["recipe"], r["lr"], r["seed"])
+    assert Q.parse_run_name("notes") is None and Q.parse_run_name("a_lrx_s0") is None

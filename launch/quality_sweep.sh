@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The sweep behind docs/QUALITY.md: every recipe, variant and package baseline at two model
+# sizes on the embedded corpus, then a second seed for the best ones. Resumable: rerunning
+# skips finished runs. `bash launch/quality_sweep.sh [OUT_ROOT]` (default runs/quality); the
+# phase timings go to OUT_ROOT/timings.txt. Two runs at a time, one thread each.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source launch/setup_env.sh
+OUT="${1:-runs/quality}"
+mkdir -p "$OUT"
+Q="python -m sage_dist.bench quality --jobs 2 --threads 1"
+RECIPES="sage-hybrid,sinkgd-hybrid,sage,scale,lion,adamw"
+BASELINES="torch-adamw,muon,galore,apollo,adam-mini,lion-pytorch"
+VARIANTS="sage-hybrid.head-sinkhorn,sage-hybrid.sage-lr3,sage-hybrid.sage-lr10,sage-hybrid.sage-lr0.3,sage-hybrid.dense-sinkgd,sage-hybrid.vector-adamw,sage-hybrid.lion-order,sage-hybrid.embed-head-adamw"
+# Lion-type rules want lrs 3-10x below AdamW's; SinkGD's dense step is 0.05 x lr
+GRID="--lrs 3e-4,1e-3,3e-3,1e-2 --grid sinkgd-hybrid=1e-3,3e-3,1e-2,3e-2 lion=1e-4,3e-4,1e-3,3e-3 lion-pytorch=1e-4,3e-4,1e-3,3e-3"
+phase() {   # NAME, then the bench arguments
+  local name=$1; shift
+  local t0; t0=$(date +%s)
+  OMP_NUM_THREADS=1 $Q "$@"
+  echo "$name $(( $(date +%s) - t0 )) s" | tee -a "$OUT/timings.txt"
+}
+# 1. the 5M Llama (configs/models/llama_5m.json), 200 steps of 16 x 64 tokens
+phase small-main --config small_single --steps 200 --out "$OUT/small" \
+  --recipes "$RECIPES,$BASELINES" $GRID
+phase small-ablations --config small_single --steps 200 --out "$OUT/small" \
+  --recipes "$VARIANTS" --lrs 1e-3,3e-3 --grid sage-hybrid.sage-lr3=3e-4,1e-3 \
+  sage-hybrid.sage-lr10=3e-4,1e-3
+# 2. the tiny Llama (configs/models/llama_tiny.json), 300 steps of 16 x 64 tokens
+phase tiny-main --config tiny_single --steps 300 --out "$OUT/tiny" \
+  --recipes "$RECIPES,$BASELINES" $GRID
+# 3. a second seed at the best lr: the top three of each size; at 5M also the two hybrids
+#    and the three best variants, to size the noise of the ablation table
+phase small-seeds --config small_single --steps 200 --out "$OUT/small" \
+  --recipes "$RECIPES,$BASELINES" --top 3 --seeds 0,1
+phase small-ablation-seeds --config small_single --steps 200 --out "$OUT/small" \
+  --recipes sage-hybrid,sinkgd-hybrid --top 2 --seeds 0,1
+phase small-variant-seeds --config small_single --steps 200 --out "$OUT/small" \
+  --recipes "$VARIANTS" --top 3 --seeds 0,1
+phase tiny-seeds --config tiny_single --steps 300 --out "$OUT/tiny" \
+  --recipes "$RECIPES,$BASELINES" --top 3 --seeds 0,1
