@@ -160,3 +160,16 @@ def test_nan_in_one_ranks_shard_raise_mode_raises_on_every_rank(nan_results, mes
     print(f"{mesh} raise: every rank raised within {spread:.3f} s: {res[0]['error']}")
     assert all(r["error"] and DENSE in r["error"] for r in res)
     assert spread < 5
+
+
+@pytest.mark.slow
+def test_variants_of_sage_hybrid_shard_exactly():
+    """The ablation variants are routing changes only: under FSDP2 on 3 ranks they still equal
+    the oracle per step and send the floats their shapes say."""
+    variants = ["sage-hybrid.sage-lr10", "sage-hybrid.dense-sinkgd",
+                "sage-hybrid.embed-head-adamw"]
+    for rank_res in run(cases.exactness, 3, (3,), variants, 6):
+        for name in variants:
+            res = rank_res[name]
+            assert res["rel"] <= 1e-6 and res["flips"] <= 1e-5 * res["numel"], (name, res)
+            assert res["comm_ok"], (name, res)
