@@ -27,16 +27,17 @@ phase small-main --config small_single --steps 200 --out "$OUT/small" \
 phase small-ablations --config small_single --steps 200 --out "$OUT/small" \
   --recipes "$VARIANTS" --lrs 1e-3,3e-3 --grid sage-hybrid.sage-lr3=3e-4,1e-3 \
   sage-hybrid.sage-lr10=3e-4,1e-3
-# 2. the tiny Llama (configs/models/llama_tiny.json), 300 steps of 16 x 64 tokens
-phase tiny-main --config tiny_single --steps 300 --out "$OUT/tiny" \
-  --recipes "$RECIPES,$BASELINES" $GRID
-# 3. a second seed at the best lr: the top three of each size; at 5M also the two hybrids
-#    and the three best variants, to size the noise of the ablation table
+# 2. a second seed at the best lr, at 5M: the top three, the two hybrids and the three best
+#    variants (to size the noise of the ablation table)
 phase small-seeds --config small_single --steps 200 --out "$OUT/small" \
   --recipes "$RECIPES,$BASELINES" --top 3 --seeds 0,1
 phase small-ablation-seeds --config small_single --steps 200 --out "$OUT/small" \
   --recipes sage-hybrid,sinkgd-hybrid --top 2 --seeds 0,1
 phase small-variant-seeds --config small_single --steps 200 --out "$OUT/small" \
   --recipes "$VARIANTS" --top 3 --seeds 0,1
+# 3. the tiny Llama (configs/models/llama_tiny.json), 300 steps of 16 x 64 tokens, then a
+#    second seed for its top three
+phase tiny-main --config tiny_single --steps 300 --out "$OUT/tiny" \
+  --recipes "$RECIPES,$BASELINES" $GRID
 phase tiny-seeds --config tiny_single --steps 300 --out "$OUT/tiny" \
   --recipes "$RECIPES,$BASELINES" --top 3 --seeds 0,1

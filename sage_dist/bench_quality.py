@@ -15,7 +15,8 @@ same tables. Outputs:
     <out>/quality.md     best learning rate per recipe: validation perplexity (mean over
                          seeds, and each seed), optimizer state bytes, tokens/s; and, when
                          sage-hybrid and sinkgd-hybrid are both there, the share of the gap
-                         between them that each recipe closes
+                         between them that each recipe closes; then every recipe's
+                         perplexity at every lr tried
     <out>/runs.json      every run (also runs.csv)
     <out>/ppl_vs_lr.png, <out>/loss_curves.png, <out>/ppl_vs_state.png
 """
@@ -205,12 +206,31 @@ def write_table(runs, path: Path, args) -> str:
         if gap_head:   # the share of sage-hybrid's deficit to sinkgd-hybrid this recipe closes
             row += f" {100 * (ref - ppl) / gap:.0f} % |"
         lines.append(row)
+    lines += ["", *per_lr_table(runs, order)]
     failed = [r["run"] for r in runs if r["failed"]]
     if failed:
         lines += ["", f"Failed runs: {', '.join(failed)}"]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def per_lr_table(runs, order) -> list[str]:
+    """Validation perplexity of every recipe at every lr (the mean over its seeds there; the
+    best lr in bold), the grid the best-lr table was chosen from."""
+    ok = [r for r in runs if not r["failed"]]
+    lrs = sorted({r["lr"] for r in ok})
+    lines = ["| recipe | " + " | ".join(f"lr {x:g}" for x in lrs) + " |",
+             "|---|" + "---:|" * len(lrs)]
+    for rec in order:
+        cells = []
+        at = {lr: [r for r in ok if r["recipe"] == rec and r["lr"] == lr] for lr in lrs}
+        best = min((lr for lr in lrs if at[lr]), key=lambda lr: mean_ppl(at[lr]))
+        for lr in lrs:
+            cell = f"{mean_ppl(at[lr]):.1f}" if at[lr] else ""
+            cells.append(f"**{cell}**" if lr == best else cell)
+        lines.append(f"| {rec} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_plots(runs, out: Path) -> None:

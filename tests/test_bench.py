@@ -162,13 +162,18 @@ def test_bench_quality_tables_from_run_summaries(tmp_path):
     assert Q.best_per_recipe(runs)["sage-hybrid"][0] == 1e-3          # mean 92 < 93
     args = SimpleNamespace(config="tiny_single", steps=10, out=str(tmp_path))
     text = Q.write_table(runs, tmp_path / "q.md", args)
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+    best_table, grid_table = text.split("\n\n")[1:3]
+    rows = {line.split("|")[1].strip(): line for line in best_table.splitlines()
             if line.startswith("| ") and "recipe" not in line}
     assert rows["sage-hybrid"].rstrip().endswith("| 0 % |")
     assert rows["sinkgd-hybrid"].rstrip().endswith("| 100 % |")
     assert rows["sage-hybrid.sage-lr10"].rstrip().endswith("| 75 % |")   # (92-77)/(92-72)
     assert rows["muon"].rstrip().endswith("| -40 % |")
     assert "| 0.001, 0.003 |" in rows["sage-hybrid"] and "| 90.00, 94.00 |" in rows["sage-hybrid"]
+    grid = grid_table.splitlines()
+    assert grid[0] == "| recipe | lr 0.001 | lr 0.003 | lr 0.01 |"
+    assert "| sage-hybrid | **92.0** | 93.0 |  |" in grid
+    assert "| muon |  | **100.0** |  |" in grid
     for r in runs:
         assert Q.parse_run_name(r["run"]) == (r["recipe"], r["lr"], r["seed"])
     assert Q.parse_run_name("notes") is None and Q.parse_run_name("a_lrx_s0") is None
