@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # The docs this test keeps honest (docs/INTEGRATIONS.md is checked by its own owners).
 DOCS = [README] + [ROOT / "docs" / f"{n}.md" for n in
-                   ("ALGORITHMS", "DISTRIBUTED", "TRAINING", "KERNELS", "MEMORY", "PERFORMANCE")]
+                   ("ALGORITHMS", "DISTRIBUTED", "TRAINING", "KERNELS", "MEMORY", "PERFORMANCE",
+                    "QUALITY")]
 TIMEOUT = 600
 DONE = "README-SNIPPET-FINISHED"
 
