@@ -12,7 +12,8 @@ for LLM pretraining; the peak lr is the one setting the benchmark sweeps.
                   + torch AdamW         Newton-Schulz steps, adjust_lr_fn "match_rms_adamw",
                                         weight decay 0.1; embedding, head and 1-D: AdamW
                                         (0.9, 0.95), 0.1; one lr for both (Liu et al. 2025,
-                                        "Muon is scalable for LLM training")
+                                        "Muon is scalable for LLM training"). On CPU the
+                                        Newton-Schulz iteration runs in fp32 (see CpuMuon)
     galore        galore-torch 1.0      attention and MLP matrices projected: rank hidden/4,
                                         update_proj_gap 200, scale 0.25, proj_type std; the
                                         rest AdamW in the same optimizer (Zhao et al. 2024)
@@ -37,6 +38,11 @@ import torch
 from torch import nn
 
 from .optim.recipes import classify
+
+try:  # the module whose Newton-Schulz function torch.optim.Muon calls by name at each step
+    from torch.optim import _muon
+except ImportError:  # a torch without Muon: the baseline refuses in build_baseline
+    _muon = None
 
 PACKAGES = {"galore": "galore_torch", "apollo": "apollo_torch", "apollo-mini": "apollo_torch",
             "adam-mini": "adam_mini", "lion-pytorch": "lion_pytorch"}
@@ -88,6 +94,41 @@ class OptimizerChain:
 
     def __repr__(self):
         return f"OptimizerChain({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
+def newton_schulz_fp32(grad, ns_coefficients, ns_steps, eps):
+    """Muon's quintic Newton-Schulz orthogonalisation (Jordan et al. 2024: coefficients
+    3.4445, -4.7750, 2.0315, 5 steps) in fp32. torch's version casts to bf16 first, which is
+    the right trade on a GPU and ~17x slower than fp32 on a CPU without bf16 matmul units;
+    fp32 is the same iteration with less rounding. Same signature as torch's function."""
+    a, b, c = ns_coefficients
+    x = grad.float()
+    wide = x.size(0) > x.size(1)
+    if wide:   # iterate on the short side: the Gram matrix is min(m, n) square
+        x = x.T
+    x = x / x.norm().clamp(min=eps)     # spectral norm <= Frobenius norm <= 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if wide else x).to(grad.dtype)
+
+
+class CpuMuon(torch.optim.Muon if hasattr(torch.optim, "Muon") else object):
+    """torch.optim.Muon whose Newton-Schulz iteration runs in fp32 when the parameters are
+    on the CPU (newton_schulz_fp32) and is torch's own bf16 one elsewhere; momentum,
+    Nesterov, the lr adjustment and weight decay are torch's code unchanged."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        on_cpu = all(p.device.type == "cpu" for g in self.param_groups for p in g["params"])
+        if not on_cpu:
+            return super().step(closure)
+        original = _muon._zeropower_via_newtonschulz
+        _muon._zeropower_via_newtonschulz = newton_schulz_fp32
+        try:
+            return super().step(closure)
+        finally:
+            _muon._zeropower_via_newtonschulz = original
 
 
 def check_baseline(name: str, engine: str) -> None:
@@ -142,7 +183,7 @@ def build_baseline(model: nn.Module, name: str, lr: float, mc, weight_decay=None
     if name == "muon":
         hidden, rest = _split(model)
         return OptimizerChain([
-            torch.optim.Muon(hidden, lr=lr, weight_decay=decay(0.1), momentum=0.95,
+            CpuMuon(hidden, lr=lr, weight_decay=decay(0.1), momentum=0.95,
                              nesterov=True, ns_steps=5, adjust_lr_fn="match_rms_adamw"),
             torch.optim.AdamW(rest, lr=lr, betas=_LLM_ADAMW["betas"], weight_decay=decay(0.1))])
     if name == "galore":

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from sage_dist.baselines import BASELINES, OptimizerChain, build_baseline
+from sage_dist.baselines import (BASELINES, CpuMuon, OptimizerChain, build_baseline,
+                                 newton_schulz_fp32)
 from sage_dist.memory.measure import optimizer_state_bytes
 from sage_dist.optim.recipes import classify
 from sage_dist.train.config import ConfigError, TrainConfig, validate
@@ -53,13 +54,50 @@ def test_baseline_trains_counts_its_state_and_round_trips_a_checkpoint(name):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
+def test_muon_newton_schulz_in_fp32_is_torchs_iteration_with_less_rounding(shape):
+    """newton_schulz_fp32 against torch's bf16 function (same coefficients and steps) and the
+    same iteration in float64: it is the fp64 result to fp32 rounding, and torch's to bf16's."""
+    from torch.optim import _muon
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    coeffs, steps, eps = (_muon.DEFAULT_A, _muon.DEFAULT_B, _muon.DEFAULT_C), 5, 1e-7
+    ours = newton_schulz_fp32(g, coeffs, steps, eps)
+    exact = newton_schulz_fp32(g.double(), coeffs, steps, eps)
+    torch_bf16 = _muon._zeropower_via_newtonschulz(g, coeffs, steps, eps).float()
+    assert ours.dtype == g.dtype and ours.shape == g.shape
+    assert (ours.double() - exact).norm() / exact.norm() < 1e-5
+    rel = ((torch_bf16.double() - exact).norm() / exact.norm()).item()
+    assert 1e-4 < rel < 5e-2          # torch's rounds in bf16: close, and not bit-equal
+    # singular values pushed towards 1 (the point of the iteration; five steps cannot lift
+    # the few tiny ones of a random square matrix)
+    s = torch.linalg.svdvals(exact)
+    assert s.median() > 0.6 and s.max() < 1.3
+
+
+def test_cpu_muon_steps_like_torchs_muon_and_puts_torchs_function_back():
+    from torch.optim import _muon
+    original = _muon._zeropower_via_newtonschulz
+    a = tiny_llama(hidden=64, inter=96)
+    b = copy.deepcopy(a)
+    mats = lambda m: [p for _, p, cat in classify(m) if cat == "matrix"]
+    kw = dict(lr=1e-2, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    ours, theirs = CpuMuon(mats(a), **kw), torch.optim.Muon(mats(b), **kw)
+    for s in range(3):
+        _step(a, ours, s)
+        _step(b, theirs, s)
+        assert _muon._zeropower_via_newtonschulz is original
+    for p, q in zip(mats(a), mats(b)):
+        assert not torch.equal(p, q)                       # fp32 vs bf16 rounding differs
+        assert torch.allclose(p, q, rtol=0, atol=5e-3)     # by less than a tenth of a step
+
+
 def test_routing_of_muon_and_the_projected_baselines():
     model = tiny_llama(hidden=64, inter=96)
     hidden = {id(p) for _, p, cat in classify(model) if cat == "matrix"}
     muon = build_baseline(model, "muon", 1e-3, model.config)
     assert isinstance(muon, OptimizerChain)
     m, a = muon.optimizers
-    assert type(m).__name__ == "Muon" and type(a).__name__ == "AdamW"
+    assert isinstance(m, torch.optim.Muon) and type(a).__name__ == "AdamW"
     assert {id(p) for g in m.param_groups for p in g["params"]} == hidden
     assert m.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
     for name, rank in (("galore", 16), ("apollo", 16), ("apollo-mini", 1)):

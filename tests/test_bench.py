@@ -177,3 +177,19 @@ def test_bench_quality_tables_from_run_summaries(tmp_path):
     for r in runs:
         assert Q.parse_run_name(r["run"]) == (r["recipe"], r["lr"], r["seed"])
     assert Q.parse_run_name("notes") is None and Q.parse_run_name("a_lrx_s0") is None
+
+
+def test_the_documented_sweep_names_only_known_recipes():
+    """launch/quality_sweep.sh runs for two hours: a misspelt recipe in it should fail here,
+    not after an hour."""
+    import re
+    from pathlib import Path
+    from sage_dist.bench_quality import CHOICES
+
+    text = (Path(__file__).parents[1] / "launch" / "quality_sweep.sh").read_text()
+    lists = re.findall(r'^[A-Z_]+="([^"$]+)"$', text, flags=re.M)
+    names = {n for lst in lists if not lst.startswith("--") and " " not in lst
+             for n in lst.split(",")}
+    names |= set(re.findall(r"([a-z][a-z0-9.-]*)=[0-9.e,-]+", text))
+    assert {"sage-hybrid", "muon", "sage-hybrid.sage-lr10"} <= names
+    assert not names - set(CHOICES), names - set(CHOICES)
