@@ -240,30 +240,40 @@ def write_plots(runs, out: Path) -> None:
 
     ok = [r for r in runs if not r["failed"]]
     best = best_per_recipe(runs)
-    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=plt.cm.tab20.colors)  # many recipes
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for rec in sorted({r["recipe"] for r in ok}):
-        pts = sorted((r["lr"], r["val_ppl"]) for r in ok if r["recipe"] == rec)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=rec)
+    names = sorted({r["recipe"] for r in ok})
+    # one look per recipe, the same in every plot: 10 colours x (marker, line) for 20+ recipes
+    look = {rec: dict(color=plt.cm.tab10.colors[i % 10], marker="osD^v"[i // 10 % 5],
+                      linestyle=("-", "--", ":", "-.")[i // 10 % 4])
+            for i, rec in enumerate(names)}
+
+    def finish(ax, path):
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.figure.tight_layout()
+        ax.figure.savefig(path, dpi=120)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for rec in names:
+        by_lr: dict = {}
+        for r in ok:
+            if r["recipe"] == rec:
+                by_lr.setdefault(r["lr"], []).append(r)
+        pts = sorted((lr, mean_ppl(rs)) for lr, rs in by_lr.items())   # mean over seeds
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=rec, **look[rec])
     ax.set(xscale="log", yscale="log", xlabel="peak lr", ylabel="validation perplexity")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "ppl_vs_lr.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    finish(ax, out / "ppl_vs_lr.png")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for rec, (lr, rs) in sorted(best.items()):
         curve = rs[0]["loss_curve"]
-        ax.plot([c[0] for c in curve], [c[1] for c in curve], label=f"{rec} (lr {lr:g})")
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], label=f"{rec} (lr {lr:g})",
+                **dict(look[rec], marker=None))
     ax.set(xlabel="step", ylabel="training loss")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    finish(ax, out / "loss_curves.png")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for rec, (lr, rs) in sorted(best.items()):
-        ax.scatter(rs[0]["state_bytes"] / 2**20, mean_ppl(rs), label=rec)
+        ax.plot([rs[0]["state_bytes"] / 2**20], [mean_ppl(rs)], label=rec,
+                **dict(look[rec], linestyle="none"))
     ax.set(xlabel="optimizer state (MiB)", ylabel="best validation perplexity")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "ppl_vs_state.png", dpi=120)
+    finish(ax, out / "ppl_vs_state.png")
     plt.close("all")
 
 
