@@ -39,10 +39,7 @@ from torch import nn
 
 from .optim.recipes import classify
 
-try:  # the module whose Newton-Schulz function torch.optim.Muon calls by name at each step
-    from torch.optim import _muon
-except ImportError:  # a torch without Muon: the baseline refuses in build_baseline
-    _muon = None
+from torch.optim import _muon   # whose Newton-Schulz function Muon calls by name each step
 
 PACKAGES = {"galore": "galore_torch", "apollo": "apollo_torch", "apollo-mini": "apollo_torch",
             "adam-mini": "adam_mini", "lion-pytorch": "lion_pytorch"}
@@ -113,7 +110,7 @@ def newton_schulz_fp32(grad, ns_coefficients, ns_steps, eps):
     return (x.T if wide else x).to(grad.dtype)
 
 
-class CpuMuon(torch.optim.Muon if hasattr(torch.optim, "Muon") else object):
+class CpuMuon(torch.optim.Muon):
     """torch.optim.Muon whose Newton-Schulz iteration runs in fp32 when the parameters are
     on the CPU (newton_schulz_fp32) and is torch's own bf16 one elsewhere; momentum,
     Nesterov, the lr adjustment and weight decay are torch's code unchanged."""
@@ -183,8 +180,8 @@ def build_baseline(model: nn.Module, name: str, lr: float, mc, weight_decay=None
     if name == "muon":
         hidden, rest = _split(model)
         return OptimizerChain([
-            CpuMuon(hidden, lr=lr, weight_decay=decay(0.1), momentum=0.95,
-                             nesterov=True, ns_steps=5, adjust_lr_fn="match_rms_adamw"),
+            CpuMuon(hidden, lr=lr, weight_decay=decay(0.1), momentum=0.95, nesterov=True,
+                    ns_steps=5, adjust_lr_fn="match_rms_adamw"),
             torch.optim.AdamW(rest, lr=lr, betas=_LLM_ADAMW["betas"], weight_decay=decay(0.1))])
     if name == "galore":
         from galore_torch import GaLoreAdamW
