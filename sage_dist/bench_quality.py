@@ -174,13 +174,19 @@ def mean_ppl(runs: list[dict]) -> float:
     return sum(r["val_ppl"] for r in runs) / len(runs)
 
 
-def best_per_recipe(runs: list[dict]) -> dict:
-    """recipe -> (lr with the lowest mean validation perplexity over seeds, its runs)."""
+def by_recipe_and_lr(runs: list[dict]) -> dict:
+    """recipe -> lr -> its finished runs (one per seed)."""
     by: dict = {}
     for r in runs:
         if not r["failed"]:
             by.setdefault(r["recipe"], {}).setdefault(r["lr"], []).append(r)
-    return {rec: min(lrs.items(), key=lambda kv: mean_ppl(kv[1])) for rec, lrs in by.items()}
+    return by
+
+
+def best_per_recipe(runs: list[dict]) -> dict:
+    """recipe -> (lr with the lowest mean validation perplexity over seeds, its runs)."""
+    return {rec: min(lrs.items(), key=lambda kv: mean_ppl(kv[1]))
+            for rec, lrs in by_recipe_and_lr(runs).items()}
 
 
 def write_table(runs, path: Path, args) -> str:
@@ -238,9 +244,8 @@ def write_plots(runs, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in runs if not r["failed"]]
-    best = best_per_recipe(runs)
-    names = sorted({r["recipe"] for r in ok})
+    grid, best = by_recipe_and_lr(runs), best_per_recipe(runs)
+    names = sorted(grid)
     # one look per recipe, the same in every plot: 10 colours x (marker, line) for 20+ recipes
     look = {rec: dict(color=plt.cm.tab10.colors[i % 10], marker="osD^v"[i // 10 % 5],
                       linestyle=("-", "--", ":", "-.")[i // 10 % 4])
@@ -253,11 +258,7 @@ def write_plots(runs, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for rec in names:
-        by_lr: dict = {}
-        for r in ok:
-            if r["recipe"] == rec:
-                by_lr.setdefault(r["lr"], []).append(r)
-        pts = sorted((lr, mean_ppl(rs)) for lr, rs in by_lr.items())   # mean over seeds
+        pts = sorted((lr, mean_ppl(rs)) for lr, rs in grid[rec].items())   # mean over seeds
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=rec, **look[rec])
     ax.set(xscale="log", yscale="log", xlabel="peak lr", ylabel="validation perplexity")
     finish(ax, out / "ppl_vs_lr.png")
