@@ -10,6 +10,12 @@ times the optimizer step as the engine runs it (FSDP2: `opt.step()`; ZeRO: `engi
 which also reduces, clips and re-gathers) and the whole step (forward, backward, step), the
 slowest rank's time counting. It prints the medians, the ratios to AdamW, and the training
 tokens/s of each; `--json` writes them. Every figure comes from one run.
+
+It also measures (sage_dist.memory.measure) each rank's gradient bytes between the first
+backward and the first step, beside an even split of all gradients over the ranks. Under
+ZeRO, `--per-category` adds sage-hybrid built with one param group per category
+(`merge: false`), as it was before sage_dist.deepspeed merged the groups: DeepSpeed ZeRO-1/2
+then keeps the embedding's and the head's whole gradients on every rank.
 """
 from __future__ import annotations
 
@@ -22,7 +28,10 @@ import time
 ENGINES = ("fsdp2", "zero1", "zero2", "zero3")
 
 
-def _cases(engine: str, ds_adam: str) -> list[tuple[str, dict]]:
+PER_CATEGORY = "sage-hybrid per-category groups"
+
+
+def _cases(engine: str, ds_adam: str, per_category: bool = False) -> list[tuple[str, dict]]:
     if engine == "fsdp2":
         return [("sage-hybrid", {}), ("torch AdamW foreach", {"foreach": True}),
                 ("torch AdamW fused", {"fused": True})]
@@ -30,7 +39,21 @@ def _cases(engine: str, ds_adam: str) -> list[tuple[str, dict]]:
     if ds_adam == "torch":
         adam["params"]["torch_adam"] = True
     name = "DeepSpeed AdamW" + (" (torch_adam)" if ds_adam == "torch" else " (FusedAdam)")
-    return [("sage-hybrid", {"type": "sage-hybrid", "params": {}}), (name, adam)]
+    extra = [(PER_CATEGORY, {"type": "sage-hybrid", "params": {"merge": False}})] \
+        if per_category else []
+    return [("sage-hybrid", {"type": "sage-hybrid", "params": {}}), *extra, (name, adam)]
+
+
+def _gradient_bytes(model, opt) -> list[int]:
+    """Every rank's gradient bytes as sage_dist.memory measures them (no collective there)."""
+    import torch
+    import torch.distributed as dist
+
+    from .memory import measure
+    mine = torch.tensor([measure(model, opt)["gradients"]], dtype=torch.int64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [int(t.item()) for t in every]
 
 
 def _tokens(step: int, rank: int, batch: int, seq: int, vocab: int):
@@ -61,14 +84,18 @@ def _fsdp2(model_name, spec, world):
     else:
         opt = build_optimizer(model, "sage-hybrid")
 
+    grads = []
+
     def train_step(x):
         model(input_ids=x, labels=x).loss.backward()
+        if not grads:
+            grads.extend(_gradient_bytes(model, opt))
         t0 = time.perf_counter()
         opt.step()
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         return t1 - t0
-    return model, train_step
+    return model, train_step, grads
 
 
 def _zero(model_name, spec, stage, batch):
@@ -78,14 +105,17 @@ def _zero(model_name, spec, stage, batch):
     cfg = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
            "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
            "optimizer": spec, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-    engine, *_ = sdds.initialize(model=build_model(model_name, seed=0), config=cfg)
+    engine, opt, *_ = sdds.initialize(model=build_model(model_name, seed=0), config=cfg)
+    grads = []
 
     def train_step(x):
         engine.backward(engine(input_ids=x, labels=x).loss)
+        if not grads:
+            grads.extend(_gradient_bytes(engine, opt))
         t0 = time.perf_counter()
         engine.step()
         return time.perf_counter() - t0
-    return engine.module, train_step
+    return engine.module, train_step, grads
 
 
 def _worker(rank, world, port, out_dir, args):
@@ -102,11 +132,12 @@ def _worker(rank, world, port, out_dir, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
-    for name, spec in _cases(args["engine"], args["ds_adam"]):
+    for name, spec in _cases(args["engine"], args["ds_adam"], args.get("per_category", False)):
         if args["engine"] == "fsdp2":
-            model, train_step = _fsdp2(args["model"], spec, world)
+            model, train_step, grads = _fsdp2(args["model"], spec, world)
         else:
-            model, train_step = _zero(args["model"], spec, int(args["engine"][-1]), args["batch"])
+            model, train_step, grads = _zero(args["model"], spec, int(args["engine"][-1]),
+                                             args["batch"])
         vocab = model.config.vocab_size
         steps, whole = [], []
         for i in range(args["warmup"] + args["steps"]):
@@ -122,7 +153,8 @@ def _worker(rank, world, port, out_dir, args):
         tokens = world * args["batch"] * args["seq"]
         results[name] = dict(step_seconds=statistics.median(steps),
                              train_step_seconds=statistics.median(whole),
-                             tokens_per_second=tokens / statistics.median(whole))
+                             tokens_per_second=tokens / statistics.median(whole),
+                             gradient_bytes_per_rank=list(grads))
         del model, train_step
     if rank == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:
@@ -158,19 +190,30 @@ def check_args(args) -> None:
         raise SystemExit(f"--warmup {args.warmup} is invalid: allowed is >= 0")
 
 
+def _total_params(model: str) -> int:
+    import math
+
+    from .models import meta_model
+    return sum(math.prod(p.shape) for p in meta_model(model).parameters())
+
+
 def run_sharded(args) -> dict:
     from .models import find_config
 
     check_args(args)
     model = str(find_config(args.model, "models"))
     common = dict(model=model, world=args.world, steps=args.steps, warmup=args.warmup,
-                  batch=args.batch, seq=args.seq, ds_adam=args.ds_adam)
+                  batch=args.batch, seq=args.seq, ds_adam=args.ds_adam,
+                  per_category=args.per_category)
     out = dict(model=args.model, world=args.world, batch_per_rank=args.batch, seq=args.seq,
                steps=args.steps, warmup=args.warmup, threads_per_rank=1, engines={})
     print(f"model {args.model}, world {args.world} (gloo, 1 thread per rank), {args.batch} x "
           f"{args.seq} tokens per rank and step; medians of {args.steps} steps, slowest rank")
     print(f"{'engine':<8}{'optimizer':<30}{'step ms':>9}{'train step ms':>15}{'tokens/s':>10}"
           f"{'step vs AdamW':>15}{'tokens/s vs AdamW':>19}")
+    even = -(-_total_params(model) // args.world) * 4   # fp32 gradients, split evenly
+    out["even_split_gradient_bytes"] = even
+    grads = []
     for engine in args.engine:
         res = run_engine(engine, common)
         ours = res["sage-hybrid"]
@@ -182,9 +225,15 @@ def run_sharded(args) -> dict:
             print(f"{engine:<8}{name:<30}{r['step_seconds'] * 1e3:>9.1f}"
                   f"{r['train_step_seconds'] * 1e3:>15.1f}{r['tokens_per_second']:>10.0f}"
                   f"{r['step_vs_adamw']:>14.2f}x{r['tokens_per_second_vs_adamw']:>18.2f}x")
+        grads += [(engine, name, r["gradient_bytes_per_rank"]) for name, r in res.items()]
         out["engines"][engine] = dict(results=res, baseline=base_name,
                                       step_ratio=ours["step_vs_adamw"],
                                       tokens_per_second_ratio=ours["tokens_per_second_vs_adamw"])
+    print(f"\ngradient MiB per rank between backward and step (even split "
+          f"{even / 2 ** 20:.2f} MiB)")
+    for engine, name, per_rank in grads:
+        print(f"{engine:<8}{name:<34}{' '.join(f'{b / 2 ** 20:8.2f}' for b in per_rank)}"
+              f"   most loaded {max(per_rank) / even:.3f}x the even split")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
@@ -204,4 +253,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--ds-adam", choices=("fused", "torch"), default="fused",
                    help="DeepSpeed's AdamW under ZeRO: its FusedAdam, or torch_adam")
+    p.add_argument("--per-category", action="store_true",
+                   help="under ZeRO also sage-hybrid in one param group per category (the "
+                        "groups before merging; its gradient bytes per rank)")
     p.add_argument("--json", default="bench_sharded.json", help="where to write the results")

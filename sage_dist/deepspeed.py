@@ -21,7 +21,8 @@ import os
 from .optim.optimizer import RoutedOptimizer
 from .optim.recipes import RECIPES, VARIANTS, build_optimizer
 from .shard import zero
-from .shard.layout import PendingLayout, make_layout
+from .shard.layout import PendingLayout, group_rule, make_layout
+from .universal import UNIVERSAL_FILE, load_universal, save_universal  # noqa: F401 (API)
 
 PREFIX = "sage_dist."
 
@@ -145,13 +146,16 @@ def _initialize(ds_init, call: dict):
                 f"client optimizer ({type(client).__name__}) was passed too: give one of them "
                 f"(drop the JSON's optimizer section to use the client optimizer, or pass no "
                 f"optimizer to build {recipe!r} from the JSON)")
-        client = build_optimizer(model, recipe, layout=PendingLayout(),
-                                 **_params(cfg.pop("optimizer")))
+        params = _params(cfg.pop("optimizer"))
+        params.setdefault("merge", merge_groups_for(model, cfg, recipe, params))
+        client = build_optimizer(model, recipe, layout=PendingLayout(), **params)
     elif any(g.get("round_step", 0) for g in client.param_groups):
         raise ValueError("the sage_dist optimizer handed to deepspeed.initialize has already "
                          "stepped: its state cannot be carried into DeepSpeed's partitions; build "
                          "it fresh (and resume through engine.load_checkpoint)")
     names = {id(p): n for n, p in client.named_parameters()}  # before DeepSpeed swaps them
+    rules = {id(p): group_rule(g, i) for g in client.param_groups
+             for i, p in enumerate(g["params"])}
     cfg["zero_allow_untested_optimizer"] = True
     call.pop("config_params", None)
     call.update(optimizer=client, config=cfg)
@@ -164,10 +168,35 @@ def _initialize(ds_init, call: dict):
     finally:
         _DEPTH -= 1
     if cfg.get("zero_optimization", {}).get("stage", 0) in (1, 2, 3):
-        client.use_layout(zero.ZeroLayout.of(engine, names))
+        client.use_layout(zero.ZeroLayout.of(engine, names, rules))
     else:
         client.use_layout(make_layout(client.named_parameters()))
     return engine, ds_opt, loader, sched
+
+
+def merge_groups_for(model, cfg: dict, recipe: str, options: dict) -> bool:
+    """Whether to build `recipe`'s optimizer for this DeepSpeed config with merged param
+    groups (build_optimizer's `merge`): where the estimator finds that it leaves the most
+    loaded rank with less device memory (sage_dist.memory.merge_pays). The data-parallel world
+    size is torch.distributed's, or WORLD_SIZE before it is initialised."""
+    import torch.distributed as dist
+
+    from .memory import merge_pays
+
+    zcfg = cfg.get("zero_optimization", {}) or {}
+    stage = zcfg.get("stage", 0)
+    if stage not in (1, 2):   # (also "auto" and the like: nothing to weigh)
+        return False
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
+        int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return False
+    off = (zcfg.get("offload_optimizer", {}) or {}).get("device") not in (None, "none")
+    bf16 = (cfg.get("bf16", {}) or {}).get("enabled") in (True, "true")
+    state_dtype = options.get("state_dtype", "float32")
+    return merge_pays(model, world, stage, recipe, bf16, off, head=options.get("head", "sage"),
+                      overrides=options.get("overrides"),
+                      state_dtype=str(state_dtype).replace("torch.", ""))
 
 
 def _config_of(call: dict):
@@ -310,79 +339,3 @@ def _original():
     """deepspeed.initialize as DeepSpeed defines it (ours calls it, never the patch)."""
     import deepspeed
     return getattr(deepspeed.initialize, PATCH_MARK, deepspeed.initialize)
-
-
-# -- resharding: a world-size-independent checkpoint of our state ---------------------------
-UNIVERSAL_FILE = "sage_dist_universal.pt"
-
-
-def save_universal(engine, path, client_state: dict | None = None) -> str:
-    """Write, on rank 0, every parameter's fp32 master weights and optimizer state as whole
-    tensors keyed by parameter name, plus per-parameter step counts and replicated statistics.
-    A collective: call it on every rank. The file loads at any world size and any ZeRO stage
-    (load_universal). Written atomically: a crash mid-save leaves any older file intact."""
-    import torch
-    import torch.distributed as dist
-
-    from .optim.registry import get_rule
-
-    opt = zero.client_optimizer(engine)
-    layout = opt.layout
-    params, state = {}, {}
-    for e in layout.entries_by_id.values():
-        rule = get_rule(opt.param_groups[e.group_index]["rule"])
-        full = layout.gather(e.flat, e.flat.data)
-        st = opt.state[e.flat]
-        elem = {k: layout.gather(e.flat, v) for k, v in st.items()
-                if k in layout.elementwise_keys(e.flat, rule)}
-        for i, (m, p) in enumerate(zip(e.members, full)):
-            params[m.name] = p.cpu()
-            views = layout.member_state(e.flat, i, st, rule)
-            state[m.name] = {k: (elem[k][i] if k in elem else v).detach().cpu().clone()
-                             for k, v in views.items()}
-    out = {"params": params, "state": state, "groups": [
-        {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
-        "client_state": client_state or {}}
-    os.makedirs(path, exist_ok=True)
-    target = os.path.join(path, UNIVERSAL_FILE)
-    if dist.get_rank() == 0:
-        tmp = target + ".tmp"
-        torch.save(out, tmp)
-        os.replace(tmp, target)
-    dist.barrier()
-    return target
-
-
-def load_universal(engine, path) -> dict:
-    """Load a save_universal file into this engine, whatever its world size or ZeRO stage:
-    each rank cuts its own ranges out of the whole tensors. Returns the saved client_state."""
-    import torch
-
-    from .optim.registry import get_rule
-
-    opt = zero.client_optimizer(engine)
-    layout = opt.layout
-    saved = torch.load(os.path.join(path, UNIVERSAL_FILE), weights_only=True)
-    missing = [m.name for e in layout.entries_by_id.values() for m in e.members
-               if m.name not in saved["params"]]
-    if missing:
-        raise ValueError(f"{path}: no saved state for parameter {missing[0]!r}: the checkpoint "
-                         f"is of another model")
-    for group, sg in zip(opt.param_groups, saved["groups"]):
-        for k, v in sg.items():
-            if k in group and k != "name":
-                group[k] = tuple(v) if isinstance(v, list) else v
-    with torch.no_grad():
-        for e in layout.entries_by_id.values():
-            rule = get_rule(opt.param_groups[e.group_index]["rule"])
-            st = opt.state[e.flat]
-            elem = layout.elementwise_keys(e.flat, rule)
-            for i, m in enumerate(e.members):
-                n = m.b - m.a
-                e.flat.data[m.offset:m.offset + n] = saved["params"][m.name].reshape(-1)[m.a:m.b]
-                views = layout.member_state(e.flat, i, st, rule)
-                for k, v in saved["state"][m.name].items():
-                    src = v.reshape(-1)[m.a:m.b] if k in elem else v
-                    views[k].copy_(src)
-    zero.refresh_model_weights(engine)
-    return saved["client_state"]

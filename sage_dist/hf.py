@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import os
 
-from .deepspeed import _check_offload, register, registered, unregister
+from .deepspeed import _check_offload, merge_groups_for, register, registered, unregister
 from .optim.optimizer import RoutedOptimizer
 from .optim.recipes import build_optimizer, get_recipe
 from .shard import zero
@@ -64,6 +64,8 @@ class OptimizerFactory:
             register()
             _check_offload(dict(ds_config), named=False)
             options.setdefault("layout", PendingLayout())
+            options.setdefault("merge", merge_groups_for(model, dict(ds_config), recipe,
+                                                         options))
         return build_optimizer(model, recipe, lr, **options)
 
 

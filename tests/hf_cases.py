@@ -169,7 +169,8 @@ def _report(trainer, holder):
     chk, opt = holder["chk"], holder["opt"]
     norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     return dict(rel=chk.worst, flips=chk.flips, numel=chk.numel, calls=chk.calls,
-                layout=opt.layout.name, steps=trainer.state.global_step,
+                layout=opt.layout.name, groups=len(opt.param_groups),
+                steps=trainer.state.global_step,
                 grad_norms=[float(n) for n in norms], state=opt.state_bytes()["total"])
 
 
@@ -250,7 +251,7 @@ def plain_deepspeed(rank, world, stages, recipes, steps):
     import deepspeed
 
     import sage_dist
-    from ds_cases import ProbeLlama, _full_params, _run, ds_config, straddles_mid_row
+    from ds_cases import ZeroProbeLlama, _full_params, _run, ds_config, straddles_mid_row
 
     sdds.register()
     out = {}
@@ -259,14 +260,17 @@ def plain_deepspeed(rank, world, stages, recipes, steps):
             finals = {}
             for how in ("sage_dist.deepspeed.initialize", "deepspeed.initialize+json",
                         "deepspeed.initialize+client"):
-                model, cfg = ProbeLlama(0), ds_config(stage, recipe)
+                model, cfg = ZeroProbeLlama(0), ds_config(stage, recipe)
                 if how == "sage_dist.deepspeed.initialize":
                     engine, *_ = sdds.initialize(model=model, config=cfg)
                 elif how == "deepspeed.initialize+json":
                     engine, *_ = deepspeed.initialize(model=model, config=cfg)
                 else:
                     cfg.pop("optimizer")
-                    opt = sage_dist.build_optimizer(model, recipe)
+                    # the grouping sage_dist.deepspeed chooses for a JSON naming the recipe:
+                    # another grouping is as exact but cuts the statistics' sums elsewhere
+                    merge = sdds.merge_groups_for(model, cfg, recipe, {})
+                    opt = sage_dist.build_optimizer(model, recipe, merge=merge)
                     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
                 basic = zero.client_optimizer(engine)
                 chk = ZeroChecker(basic)
@@ -274,7 +278,8 @@ def plain_deepspeed(rank, world, stages, recipes, steps):
                 finals[how] = _full_params(engine, stage)
                 out[(stage, recipe, how)] = dict(
                     rel=chk.worst, flips=chk.flips, numel=chk.numel, calls=chk.calls,
-                    layout=basic.layout.name, straddle=straddles_mid_row(basic))
+                    layout=basic.layout.name, straddle=straddles_mid_row(basic),
+                    groups=len(basic.param_groups))
             base = finals["sage_dist.deepspeed.initialize"]
             for how, params in finals.items():
                 out[(stage, recipe, how)]["bitwise_as_sage_dist"] = all(

@@ -66,14 +66,29 @@ def test_bench_sharded_refuses_bad_arguments_before_starting(argv, message):
 def test_bench_sharded_runs_fsdp2_and_zero2_and_writes_json(tmp_path, capsys):
     out = tmp_path / "sharded.json"
     res = bench.main(["sharded", "--model", "llama_tiny", "--engine", "fsdp2", "zero2",
-                      "--steps", "1", "--warmup", "0", "--seq", "16", "--json", str(out)])
+                      "--steps", "1", "--warmup", "0", "--seq", "16", "--per-category",
+                      "--json", str(out)])
     data = json.loads(out.read_text())
     assert json.loads(json.dumps(res)) == data
     assert set(data["engines"]) == {"fsdp2", "zero2"}
     fsdp, zero = data["engines"]["fsdp2"], data["engines"]["zero2"]
     assert set(fsdp["results"]) == {"sage-hybrid", "torch AdamW foreach", "torch AdamW fused"}
+    assert set(zero["results"]) == {"sage-hybrid", "sage-hybrid per-category groups",
+                                    "DeepSpeed AdamW (FusedAdam)"}
     assert fsdp["baseline"] == "torch AdamW fused"
     assert zero["baseline"] == "DeepSpeed AdamW (FusedAdam)"
+    # Gradient bytes per rank, measured: what the estimator gives for each grouping, and the
+    # merged groups (the default) hold less than one group per category.
+    from sage_dist.memory import estimate_ranks
+    for name, merge in (("sage-hybrid", None), ("sage-hybrid per-category groups", False)):
+        est = [r["gradients"] for r in estimate_ranks("llama_tiny", 2, "deepspeed", 2,
+                                                      "sage-hybrid", merge=merge)]
+        got = zero["results"][name]["gradient_bytes_per_rank"]
+        assert all(abs(g - e) <= 0.01 * e for g, e in zip(got, est)), (name, got, est)
+    merged = zero["results"]["sage-hybrid"]["gradient_bytes_per_rank"]
+    assert max(merged) < max(zero["results"]["sage-hybrid per-category groups"]
+                             ["gradient_bytes_per_rank"])
+    assert max(merged) <= 1.01 * data["even_split_gradient_bytes"]
     for e in (fsdp, zero):
         base = e["results"][e["baseline"]]
         ours = e["results"]["sage-hybrid"]

@@ -51,6 +51,9 @@ VARIANTS = [
     ("zero3-sub-groups", 3, "sage-hybrid", {"zero": {"sub_group_size": 3000}}),
     ("offload-zero2", 2, "sage-hybrid", {"zero": {"offload_optimizer": {"device": "cpu"}}}),
     ("offload-zero3", 3, "sinkgd-hybrid", {"zero": {"offload_optimizer": {"device": "cpu"}}}),
+    # the groupings sage_dist.deepspeed does not choose here (merge_groups_for), asked for
+    ("merged-groups-zero3", 3, "sage-hybrid", {"params": {"merge": True}}),
+    ("per-category-groups-zero1", 1, "sage-hybrid", {"params": {"merge": False}}),
 ]
 
 
@@ -67,6 +70,9 @@ def test_zero_variants(variant_results, label):
     if label == "zero3-sub-groups":
         # 4 client groups; several sub-groups mean more step() calls than groups per step.
         assert variant_results[0][label]["calls"] > 4 * 10
+    groups = {"merged-groups-zero3": 2, "per-category-groups-zero1": 4}.get(label)
+    if groups is not None:
+        assert variant_results[0][label]["groups"] == groups
 
 
 @pytest.mark.slow

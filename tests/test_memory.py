@@ -243,7 +243,7 @@ def test_cli_memory_fsdp2_bf16_offload_rows(capsys):
                 "--format", "row") == 0
     row = capsys.readouterr().out.strip()
     print(row)
-    assert row.startswith("| llama_1b | 8 | DeepSpeed ZeRO-3 |") and row.count("|") == 10
+    assert row.startswith("| llama_1b | 8 | DeepSpeed ZeRO-3 |") and row.count("|") == 9
     assert "(GPU " in row
 
 

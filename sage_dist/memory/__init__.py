@@ -39,7 +39,7 @@ in the measured peak only.
 """
 from .estimate import (DS_PERSISTENCE_THRESHOLD, DS_REDUCE_BUCKET_SIZE, DS_SUB_GROUP_SIZE,
                        ENGINES, ModelShapes, ParamShape, deepspeed_adamw_estimate, estimate,
-                       estimate_ranks, model_shapes)
+                       estimate_ranks, merge_pays, model_shapes)
 from .measure import (COMPONENTS, FP32, GIB, MIB, flatten, gather_table, measure,
                       optimizer_state_bytes, peak_memory)
 from .report import (fit, fmt_bytes, format_fit, format_report, format_row, format_table, plot,
@@ -50,7 +50,7 @@ __all__ = [
     "measure", "gather_table", "flatten", "optimizer_state_bytes", "peak_memory",
     # estimation
     "estimate", "estimate_ranks", "model_shapes", "ModelShapes", "ParamShape",
-    "deepspeed_adamw_estimate",
+    "deepspeed_adamw_estimate", "merge_pays",
     # formatting, fit, plot
     "format_table", "fmt_bytes", "report", "format_report", "format_row", "fit", "format_fit",
     "plot", "setup_label", "to_json",

@@ -37,7 +37,8 @@ class ParamShape:
 @dataclass
 class ModelShapes:
     name: str
-    groups: list            # [(rule, [ParamShape, ...])] in build_optimizer's group order
+    groups: list            # [([rule per param], [ParamShape, ...])] in build_optimizer's order
+    merged: list            # the same, joined as recipes.merge_groups does (DeepSpeed's groups)
     total_params: int
     largest_layer_params: int   # the largest module's own parameters (DeepSpeed ZeRO-3 estimator)
 
@@ -45,18 +46,21 @@ class ModelShapes:
 def model_shapes(model, recipe: str = "sage-hybrid", head: str = "sage", overrides=None,
                  name: str | None = None) -> ModelShapes:
     """Parameter shapes grouped exactly as build_optimizer groups them (one group per category
-    or override pattern, in the same order), from a config (shipped name, path, dict or
-    object) or a module."""
+    or override pattern, in the same order; and as recipes.merge_groups joins them), from a
+    config (shipped name, path, dict or object) or a module."""
+    from ..optim.groups import merge_groups
     from ..optim.recipes import param_groups
     from ..shard.fragment import global_shape
+    from ..shard.layout import group_rule
     if name is None:
         name = models.config_name(model)
     m = models.meta_model(model)
-    groups = []
-    for g in param_groups(m, recipe, overrides=overrides, head=head):
-        cat = g["name"]
-        groups.append((g["rule"], [ParamShape(n, tuple(global_shape(p)), cat)
-                                   for n, p in zip(g["param_names"], g["params"])]))
+    built = param_groups(m, recipe, overrides=overrides, head=head)
+    cats = {id(p): g["name"] for g in built for p in g["params"]}
+    groups, merged = ([([group_rule(g, i) for i in range(len(g["params"]))],
+                        [ParamShape(n, tuple(global_shape(p)), cats[id(p)])
+                         for n, p in zip(g["param_names"], g["params"])]) for g in gs]
+                      for gs in (built, merge_groups(built)))
     seen, total = set(), 0
     for p in m.parameters():
         if id(p) not in seen:
@@ -64,7 +68,7 @@ def model_shapes(model, recipe: str = "sage-hybrid", head: str = "sage", overrid
             total += math.prod(global_shape(p))
     largest = max((sum(math.prod(global_shape(p)) for p in mod.parameters(recurse=False))
                    for mod in m.modules()), default=0)
-    return ModelShapes(name, groups, total, largest)
+    return ModelShapes(name, groups, merged, total, largest)
 
 
 def _rows(shape) -> tuple[int, int]:
@@ -98,16 +102,22 @@ class _Acc:
         r = self.state["by_rule"].setdefault(rule, {"elementwise": 0, "replicated": 0})
         r[kind] += n
 
-    def add_rule_state(self, rule, specs, elem_numel: int, members: int):
-        """State of one optimizer entry (a parameter, or a flat holding `members` params):
-        elementwise keys x elem_numel floats; replicated entries summed over members; one
-        fp32 step per member when any spec keeps a step."""
+    def add_rule_state(self, rules, specs, helds, elem_numel: int):
+        """State of one optimizer entry (a parameter, or a flat holding one member per spec),
+        as the layouts create it (shard/zero.py): an elementwise key every member keeps has
+        `elem_numel` values, any other the held elements (`helds`) of the members keeping it;
+        replicated entries and one fp32 step per member whose spec keeps one. Each member's
+        share goes to its rule; a flat-shaped key's padding to the last member's."""
         keys = set().union(*(s.elementwise for s in specs)) if specs else set()
-        self.add_state(rule, "elementwise", len(keys) * elem_numel * self.state_elem_bytes)
-        rep = sum(sum(s.replicated.values()) for s in specs)
-        if any(s.step for s in specs):
-            rep += members
-        self.add_state(rule, "replicated", rep * FP32)
+        for key in sorted(keys):
+            keeps = [i for i, s in enumerate(specs) if key in s.elementwise]
+            for i in keeps:
+                self.add_state(rules[i], "elementwise", helds[i] * self.state_elem_bytes)
+            if len(keeps) == len(specs):
+                pad = elem_numel - sum(helds)
+                self.add_state(rules[keeps[-1]], "elementwise", pad * self.state_elem_bytes)
+        for rule, s in zip(rules, specs):
+            self.add_state(rule, "replicated", (sum(s.replicated.values()) + s.step) * FP32)
 
     def record(self, rank, world, kind, location) -> dict:
         st = dict(self.state)
@@ -136,7 +146,7 @@ def _check(engine, world, zero_stage, offload) -> None:
         raise ValueError("offload=True models DeepSpeed's offload_optimizer: use engine='deepspeed'")
 
 
-def _stage12(accs, rule, params, specs, world, pdtype, pbytes, offload) -> None:
+def _stage12(accs, rules, params, specs, world, pdtype, pbytes, offload) -> None:
     """ZeRO-1/2: one flat per group, padded (zero_layout.padded_size), cut into equal partitions."""
     sizes = [p.numel for p in params]
     padded = zero_layout.padded_size(sum(sizes), world)
@@ -144,49 +154,51 @@ def _stage12(accs, rule, params, specs, world, pdtype, pbytes, offload) -> None:
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     for r, a in enumerate(accs):
         a.add_param(pdtype, padded * pbytes)
+        held = [zero_layout.member_range(s0, n, r * P, (r + 1) * P)
+                for s0, n in zip(starts, sizes)]
         if offload:
             a.grads += P * FP32        # the persistent fp32 partition gradient on the host
         else:                          # whole gradients of params overlapping [rP, rP+P)
-            for s0, n in zip(starts, sizes):
-                lo, hi, _ = zero_layout.member_range(s0, n, r * P, (r + 1) * P)
-                if hi > lo:
-                    a.grads += n * pbytes
+            a.grads += sum(n for n, (lo, hi, _) in zip(sizes, held) if hi > lo) * pbytes
         a.master += P * FP32
-        a.add_rule_state(rule, specs, P, len(params))
+        a.add_rule_state(rules, specs, [hi - lo for lo, hi, _ in held], P)
 
 
-def _stage3(accs, rule, params, specs, world, pdtype, pbytes, offload, sub_group_size,
+def _stage3(accs, rules, params, specs, world, pdtype, pbytes, offload, sub_group_size,
             persistence_threshold) -> None:
     """ZeRO-3: zero_layout.stage3_partition_numel elements per parameter per rank, in sub-groups."""
     subgroups, cur, running = [], [], 0
-    for p, s in zip(params, specs):
+    for rule, p, s in zip(rules, params, specs):
         pn = zero_layout.stage3_partition_numel(p.numel, world)
-        cur.append((p, s, pn))
+        cur.append((rule, p, s, pn))
         running += pn
         if running >= sub_group_size:
             subgroups.append(cur)
             cur, running = [], 0
     if cur:
         subgroups.append(cur)
-    for a in accs:
+    for r, a in enumerate(accs):
         for sg in subgroups:
-            n_sg = sum(pn for _, _, pn in sg)
+            n_sg = sum(pn for *_, pn in sg)
             a.add_param(pdtype, n_sg * pbytes)
-            for p, _, _ in sg:
+            for _, p, _, _ in sg:
                 if p.numel <= persistence_threshold:
                     a.add_param(pdtype, p.numel * pbytes)   # kept whole on every rank
             a.grads += n_sg * pbytes
             if offload:
                 a.grads += n_sg * FP32          # fp32 sub-group gradient on the host
             a.master += n_sg * FP32
-            a.add_rule_state(rule, [s for _, s, _ in sg], n_sg, len(sg))
+            helds = [b - lo for lo, b in (zero_layout.stage3_range(p.numel, world, r)
+                                          for _, p, _, _ in sg)]
+            a.add_rule_state([x[0] for x in sg], [x[2] for x in sg], helds, n_sg)
 
 
 def estimate_ranks(model, world: int, engine: str = "deepspeed", zero: int = 2,
                    recipe: str = "sage-hybrid", bf16: bool = False, offload: bool = False, *,
                    head: str = "sage", overrides=None, state_dtype="float32",
                    sub_group_size: int = DS_SUB_GROUP_SIZE,
-                   persistence_threshold: int = DS_PERSISTENCE_THRESHOLD) -> list[dict]:
+                   persistence_threshold: int = DS_PERSISTENCE_THRESHOLD,
+                   merge: bool | None = None) -> list[dict]:
     """Every rank's estimated record (same keys as `measure`), from shapes only.
 
     engine: 'local' / 'ddp' (every rank holds everything), 'fsdp2' (sage_dist.fsdp.shard_llama:
@@ -195,7 +207,9 @@ def estimate_ranks(model, world: int, engine: str = "deepspeed", zero: int = 2,
     sub_group_size and stage3_param_persistence_threshold). bf16: DeepSpeed's bf16 mode (16-bit
     parameters and gradients, fp32 master); offload: DeepSpeed's offload_optimizer to CPU.
     state_dtype: the optimizer's elementwise state ('float32' or 'bfloat16', as
-    RoutedOptimizer's option of that name).
+    RoutedOptimizer's option of that name). merge: whether the optimizer's groups were merged
+    (build_optimizer's option); None: as sage_dist.deepspeed builds them (merged under
+    DeepSpeed ZeRO-1/2 where `merge_pays`, else not).
     """
     from ..optim.optimizer import parse_state_dtype
     stage = zero
@@ -211,27 +225,32 @@ def estimate_ranks(model, world: int, engine: str = "deepspeed", zero: int = 2,
                 "master_weights": host, "optimizer_state": host}
     accs = [_Acc(state_elem_bytes) for _ in range(world)]
 
-    for rule, params in shapes.groups:
-        specs = [_spec(rule, p.shape) for p in params]
+    if merge not in (None, True, False):
+        raise ValueError(f"merge={merge!r} is invalid: allowed are None, True, False")
+    merged = merge if merge is not None else ds and merge_pays(
+        shapes, world, stage, recipe, bf16, offload, state_dtype=state_dtype,
+        sub_group_size=sub_group_size, persistence_threshold=persistence_threshold)
+    for rules, params in shapes.merged if merged else shapes.groups:
+        specs = [_spec(rule, p.shape) for rule, p in zip(rules, params)]
         if engine in ("local", "ddp"):
             for a in accs:
-                for p, s in zip(params, specs):
+                for rule, p, s in zip(rules, params, specs):
                     a.add_param(pdtype, p.numel * pbytes)
                     a.grads += p.numel * pbytes
-                    a.add_rule_state(rule, [s], p.numel, 1)
+                    a.add_rule_state([rule], [s], [p.numel], p.numel)
         elif engine == "fsdp2":
-            for p, s in zip(params, specs):
+            for rule, p, s in zip(rules, params, specs):
                 R, rowlen = _rows(p.shape)
                 chunk = -(-R // world)
                 for r, a in enumerate(accs):
                     held = max(0, min(chunk, R - r * chunk)) * rowlen
                     a.add_param(pdtype, chunk * rowlen * pbytes)   # FSDP2 pads every shard
                     a.grads += chunk * rowlen * pbytes             # reduce-scatter output, padded
-                    a.add_rule_state(rule, [s], held, 1)
+                    a.add_rule_state([rule], [s], [held], held)
         elif stage in (1, 2):
-            _stage12(accs, rule, params, specs, world, pdtype, pbytes, offload)
+            _stage12(accs, rules, params, specs, world, pdtype, pbytes, offload)
         else:
-            _stage3(accs, rule, params, specs, world, pdtype, pbytes, offload, sub_group_size,
+            _stage3(accs, rules, params, specs, world, pdtype, pbytes, offload, sub_group_size,
                     persistence_threshold)
     transient = {}
     if ds:   # modelled from DeepSpeed 0.19's code, not part of the total (see docs/MEMORY.md)
@@ -242,6 +261,30 @@ def estimate_ranks(model, world: int, engine: str = "deepspeed", zero: int = 2,
     for rec in recs:
         rec["transient"] = dict(transient)
     return recs
+
+
+def merge_pays(model, world: int, zero: int = 2, recipe: str = "sage-hybrid",
+               bf16: bool = False, offload: bool = False, *, head: str = "sage",
+               overrides=None, **kw) -> bool:
+    """Whether merged param groups (optim/groups.py) leave DeepSpeed ZeRO-1/2's most loaded
+    rank with less device memory than one group per category.
+
+    Merging trades one thing for another. In one group per category every rank's partition
+    touches the embedding and the head, so every rank holds their whole gradients (DeepSpeed
+    keeps whole gradients of the parameters its partition touches); merged, only the ranks
+    whose partitions they span do, but those ranks then also hold all of the embedding's and
+    the head's optimizer state, which one group per category spreads over every rank. Which
+    is smaller depends on the model, world size, precision and recipe; the estimator (equal
+    to the measurement) decides. ZeRO-3 partitions every parameter on its own: no merge."""
+    if zero not in (1, 2):
+        return False
+    _check("deepspeed", world, zero, offload)
+    shapes = model if isinstance(model, ModelShapes) else model_shapes(model, recipe, head,
+                                                                       overrides)
+    most = [max(r["device_total"] for r in estimate_ranks(
+        shapes, world, "deepspeed", zero, recipe, bf16, offload, merge=m, **kw))
+        for m in (True, False)]
+    return most[0] < most[1]
 
 
 def estimate(model, world: int, engine: str = "deepspeed", zero: int = 2,

@@ -188,15 +188,17 @@ def format_report(rep: dict, unit: str = "GiB") -> str:
 
 
 def format_row(rep: dict, unit: str = "GiB") -> str:
-    """One markdown table row: model, world, engine, then parameters, gradients and master
-    weights (the same for every recipe), then per recipe `optimizer state / total` (with the
-    GPU part when offloading), then DeepSpeed's own AdamW estimate per GPU."""
+    """One markdown table row: model, world, engine, then parameters and master weights (the
+    same for every recipe), then per recipe `gradients / optimizer state / total` of its most
+    loaded rank (with the GPU part when offloading; gradients differ between recipes under
+    ZeRO-1/2, whose param groups sage_dist.deepspeed merges or not per recipe), then
+    DeepSpeed's own AdamW estimate per GPU."""
     recs = rep["recipes"]
     r0 = next(iter(recs.values()))
     f = lambda n: f"{n / (GIB if unit == 'GiB' else MIB):,.2f}"
     cells = [rep["model"], str(r0["world"]), rep["setup"].split(",")[0],
-             f(r0["parameters"]["total"]), f(r0["gradients"]), f(r0["master_weights"])]
-    cells += [f"{f(r['optimizer_state']['total'])} / **{f(r['total'])}**"
+             f(r0["parameters"]["total"]), f(r0["master_weights"])]
+    cells += [f"{f(r['gradients'])} / {f(r['optimizer_state']['total'])} / **{f(r['total'])}**"
               + (f" (GPU {f(r['device_total'])})" if r["host_total"] else "")
               for r in recs.values()]
     ds = rep["deepspeed_adamw"]

@@ -1,4 +1,4 @@
-"""RoutedOptimizer: one torch.optim.Optimizer whose param groups each name their rule."""
+"""RoutedOptimizer: one torch.optim.Optimizer whose param groups name their rules."""
 from __future__ import annotations
 
 import zlib
@@ -7,9 +7,10 @@ import torch
 
 from .. import ops
 from ..shard.fragment import global_shape
-from ..shard.layout import make_layout
+from ..shard.layout import group_rule, make_layout
 from .base import NONFINITE_MODES
 from .batch import UpdateBatch
+from .groups import check_group
 from .registry import get_rule
 
 
@@ -18,7 +19,10 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     Every group carries 'rule' and that rule's hyperparameters (missing ones take the rule's
     defaults), so LR schedulers and per-group overrides work as with any torch optimizer.
-    Optional group key 'param_names' names the parameters in errors and tables.
+    Optional group key 'param_names' names the parameters in errors and tables. A mixed group
+    has 'rules' instead, one rule name per parameter, and the hyperparameters of all of them
+    (each rule reads its own): recipes.merge_groups builds such groups for DeepSpeed ZeRO,
+    which partitions each group's parameters on their own.
 
     nonfinite: 'skip' leaves a parameter whose gradient holds NaN/Inf (and its state)
     untouched for the step and counts it in `nonfinite_count`; 'raise' raises
@@ -63,33 +67,20 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     # -- groups and state ---------------------------------------------------------------
     def add_param_group(self, group: dict) -> None:
-        rule_name = group.get("rule", self.defaults.get("rule"))
         where = f"param_groups[{len(self.param_groups)}]."
-        rule = get_rule(rule_name, f"{where}rule")
-        for key, value in {**rule.defaults, **self.defaults}.items():
-            group.setdefault(key, value)
-        group["rule"] = rule_name
-        group.setdefault("round_step", 0)  # steps taken, for stochastic rounding's seeds
-        allowed = set(rule.defaults) | {"rule", "params", "param_names", "name", "peak_lr",
-                                        "initial_lr", "round_step"} | set(self.defaults)
-        unknown = sorted(set(group) - allowed)
-        if unknown:
-            raise ValueError(f"{where}{unknown[0]} is not a hyperparameter of rule "
-                             f"{rule_name!r}: allowed are {', '.join(sorted(rule.defaults))}")
-        rule.validate(group, where)
-        params = group["params"]
-        group["params"] = params = [params] if torch.is_tensor(params) else list(params)
+        rules = check_group(group, self.defaults, where)
         seen = {id(q): k for k, g in enumerate(self.param_groups) for q in g["params"]}
-        for i, p in enumerate(params):
+        for i, p in enumerate(group["params"]):
             if id(p) in seen:
                 raise ValueError(f"{where}params[{i}] ({self._name(group, i)}) is already in "
                                  f"param_groups[{seen[id(p)]}]: allowed is each parameter in "
                                  f"one group only")
         super().add_param_group(group)
         for i, p in enumerate(group["params"]):
+            rule = rules[group_rule(group, i)]
             if rule.matrix_only and len(global_shape(p)) < 2:
                 raise ValueError(f"{where}params[{i}] ({self._name(group, i)}) has shape "
-                                 f"{tuple(global_shape(p))}: rule {rule_name!r} needs a >=2-D "
+                                 f"{tuple(global_shape(p))}: rule {rule.name!r} needs a >=2-D "
                                  f"parameter")
             if not p.is_contiguous():
                 raise ValueError(f"{self._name(group, i)} is not contiguous: "
@@ -155,7 +146,8 @@ class RoutedOptimizer(torch.optim.Optimizer):
                                f"it stepped on sharded ones; its state cannot be re-cut exactly "
                                f"(swap before the first step)")
         old_layout, layout, state = self.layout, make_layout(named), {}
-        rules = [get_rule(g["rule"]) for g in self.param_groups for _ in g["params"]]
+        rules = [get_rule(group_rule(g, i)) for g in self.param_groups
+                 for i in range(len(g["params"]))]
         for (name, p), o, rule in zip(named, old, rules):
             span = layout.fragments(p, name)[0].span
             elem = old_layout.elementwise_keys(o, rule)
@@ -175,8 +167,10 @@ class RoutedOptimizer(torch.optim.Optimizer):
         return super().state_dict()
 
     def state_entries(self):
-        """(entry, rule) for every entry that holds state, as the layout lists them."""
-        return [(e, get_rule(g["rule"])) for e, g in self.layout.entries(self.param_groups)]
+        """(entry, [rule per member]) for every entry that holds state, as the layout lists
+        them."""
+        return [(e, [get_rule(r) for r in self.layout.member_rules(e, g)])
+                for e, g in self.layout.entries(self.param_groups)]
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that state keeps its saved dtype (fp32).
@@ -195,18 +189,19 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     # -- the step -----------------------------------------------------------------------
     def _jobs(self):
-        """(fragment, rule, group, entry) for every fragment with a gradient, in global order."""
+        """(fragment, rule, group, entry, [rule per member]) for every fragment with a
+        gradient, in global order."""
         jobs = []
         for group in self.param_groups:
-            rule = get_rule(group["rule"])
             for i, p in enumerate(group["params"]):
+                rules = [get_rule(r) for r in self.layout.member_rules(p, group, i)]
                 for f in self.layout.fragments(p, self._name(group, i)):
                     if f.grad is None:
                         continue
                     if f.grad.is_sparse:
                         raise RuntimeError(f"{f.name}: sparse gradients are not supported; "
                                            f"use a dense embedding (sparse=False)")
-                    jobs.append((f, rule, group, p))
+                    jobs.append((f, rules[f.slot], group, p, rules))
         return jobs
 
     @torch.no_grad()
@@ -218,10 +213,10 @@ class RoutedOptimizer(torch.optim.Optimizer):
         self._follow_params()
         self.layout.reducer.reset_counters()
         runs, batch = [], UpdateBatch()
-        for f, rule, group, entry in self._jobs():
+        for f, rule, group, entry, rules in self._jobs():
             g = f.grad.float()
             p = f.data if f.data.dtype == torch.float32 else f.data.float()
-            st = self.layout.member_state(entry, f.slot, self.state[entry], rule)
+            st = self.layout.member_state(entry, f.slot, self.state[entry], rules)
             # Low-precision state: the rule works on fp32 copies, written back when it ends.
             low = {k: v for k, v in st.items() if v.dtype != torch.float32 and v.dim() > 0}
             if low:
@@ -275,21 +270,24 @@ class RoutedOptimizer(torch.optim.Optimizer):
         """
         self._follow_params()
         out = {"elementwise": 0, "replicated": 0}
-        rules: dict = {}
+        rules_out: dict = {}
         devices: dict = {}
-        for p, rule in self.state_entries():
-            elementwise = self.layout.elementwise_keys(p, rule)
+        for p, rules in self.state_entries():
+            elementwise = self.layout.elementwise_keys(p, rules)
+            owners = self.layout.state_owners(p, rules)
             for key, t in self.state[p].items():
                 kind = "elementwise" if key in elementwise else "replicated"
                 local = self.layout.local_flat(t) if kind == "elementwise" else t
                 n = local.numel() * local.element_size()
                 out[kind] += n
-                r = rules.setdefault(rule.name, {"elementwise": 0, "replicated": 0})
-                r[kind] += n
+                split = {rules[0].name: local.numel()} if owners is None else owners[key]
+                for name, floats in split.items():
+                    r = rules_out.setdefault(name, {"elementwise": 0, "replicated": 0})
+                    r[kind] += floats * local.element_size()
                 devices[local.device.type] = devices.get(local.device.type, 0) + n
         out["total"] = out["elementwise"] + out["replicated"]
         if by_rule:
-            out["by_rule"] = {k: v for k, v in sorted(rules.items())
+            out["by_rule"] = {k: v for k, v in sorted(rules_out.items())
                               if v["elementwise"] or v["replicated"]}
             out["by_device"] = dict(sorted(devices.items()))
         return out

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..shard.fragment import global_shape, matrix_shape
+from .groups import merge_groups
 from .optimizer import RoutedOptimizer
 from .registry import get_rule
 
@@ -272,7 +273,7 @@ def build_optimizer(model: nn.Module, recipe: str = "sage-hybrid", lr: float | N
                     overrides=None, head: str = "sage", nonfinite: str = "skip",
                     layout=None, state_dtype=torch.float32,
                     stochastic_rounding: bool = False, rounding_seed: int = 0,
-                    **hyperparameters) -> RoutedOptimizer:
+                    merge: bool | None = None, **hyperparameters) -> RoutedOptimizer:
     """One torch.optim.Optimizer for the whole model, routed by `recipe`.
 
     lr=None takes the recipe's default. Other keywords are hyperparameters of the recipe's
@@ -282,10 +283,17 @@ def build_optimizer(model: nn.Module, recipe: str = "sage-hybrid", lr: float | N
     sage-hybrid. `layout`: see RoutedOptimizer (engines that re-partition the parameters, as
     DeepSpeed does, pass shard.PendingLayout() and install theirs later).
     `state_dtype`, `stochastic_rounding` and `rounding_seed`: see RoutedOptimizer (precision).
+    `merge=True` puts the groups into as few as the rules allow (groups.merge_groups; each
+    parameter's rule and hyperparameters unchanged), which changes how DeepSpeed ZeRO-1/2
+    partitions them (sage_dist.deepspeed decides it per setup; docs/MEMORY.md).
     """
+    if merge not in (None, True, False):
+        raise ValueError(f"merge={merge!r} is invalid: allowed are True, False (None: False)")
     groups = param_groups(model, recipe, lr, overrides, head, **hyperparameters)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    if merge:
+        groups = merge_groups(groups)
     opt = RoutedOptimizer(groups, nonfinite=nonfinite, layout=layout,
                           state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
                           rounding_seed=rounding_seed)

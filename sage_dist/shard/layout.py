@@ -9,11 +9,17 @@ engine's; each engine's internals are read in its own layout module (dtensor.py,
     entries(param_groups)               [(entry, group)] that hold state
     attach(optimizer)                   the optimizer switched to this layout (a hook)
     fragments(entry, name)              [Fragment] of the entry held here
-    new_state(entry, rule, dtype)       the entry's state (elementwise state placed like it)
-    member_state(entry, slot, state, rule)   views of one member's part of the state
-    elementwise_keys(entry, rule)       which state keys are shaped like the entry
+    member_rules(entry, group, index)   the rule name of each member (one per fragment slot)
+    new_state(entry, rules, dtype)      the entry's state (elementwise state placed like it)
+    member_state(entry, slot, state, rules)  views of one member's part of the state
+    elementwise_keys(entry, rules)      which state keys hold one value per element held
+    state_owners(entry, rules)          {key: {rule name: floats}}: whose state each key is
     local_flat(t)                       the flat local view of an elementwise state tensor
     reducer                             the statistics all-reduce (shard/stats.py)
+
+`rules` is one Rule per member (a single Rule stands for all of them). A param group names
+one 'rule' for all its parameters, or, with 'rules', one per parameter (a mixed group:
+recipes.merge_groups, for engines that partition each group on its own).
 """
 from __future__ import annotations
 
@@ -34,6 +40,17 @@ def state_sizes(specs, elem_numel: int) -> tuple[set, dict]:
         for key, n in s.replicated.items():
             rep[key] = rep.get(key, 0) + n
     return elem, rep
+
+
+def as_rules(rules, n: int) -> list:
+    """One rule per member: a list as given, or one Rule repeated."""
+    return list(rules) if isinstance(rules, (list, tuple)) else [rules] * n
+
+
+def group_rule(group: dict, index: int) -> str:
+    """The rule name of parameter `index` of a param group (uniform or mixed)."""
+    rules = group.get("rules")
+    return group["rule"] if rules is None else rules[index]
 
 
 class Layout:
@@ -58,7 +75,16 @@ class Layout:
     def local_flat(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(-1)
 
+    def member_rules(self, entry, group: dict, index: int | None = None) -> list[str]:
+        """The entry is one parameter: its rule, found by position in a mixed group."""
+        if group.get("rules") is None:
+            return [group["rule"]]
+        if index is None:
+            index = next(i for i, p in enumerate(group["params"]) if p is entry)
+        return [group["rules"][index]]
+
     def _spec(self, entry, rule):
+        rule = as_rules(rule, 1)[0]
         shape = global_shape(entry)
         return rule.state_spec(shape, *matrix_shape(shape))
 
@@ -79,6 +105,10 @@ class Layout:
 
     def elementwise_keys(self, entry: torch.Tensor, rule) -> set[str]:
         return set(self._spec(entry, rule).elementwise)
+
+    def state_owners(self, entry, rule) -> dict:
+        """One member: every key is its rule's (None: no split to report)."""
+        return None
 
 
 class LocalLayout(Layout):

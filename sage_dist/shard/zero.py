@@ -10,6 +10,8 @@ bookkeeping, once, right after deepspeed.initialize.
 State is keyed by the flat (what DeepSpeed checkpoints and offloads): elementwise state is a
 flat-shaped fp32 tensor; per-member replicated state (SAGE's per-column S) is one fp32
 vector per flat holding every member's piece; step counts are one entry per member.
+A flat of a mixed group (members under different rules) packs a key over the members that
+keep it (shard/flat_state.py).
 Every member takes part in every statistics phase on every rank (zeros where nothing is
 held), so replicated state stays identical on all ranks.
 """
@@ -22,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from .fragment import Fragment, matrix_shape
-from .layout import Layout, state_sizes
+from . import flat_state
+from .layout import Layout, as_rules, state_sizes
 from ..ops.span import Span
 from .stats import StatsReducer
 
@@ -154,6 +157,7 @@ class Member:
     a: int
     b: int
     offset: int
+    rule: str | None = None     # its rule's name where known (needed in a mixed group)
 
 
 @dataclass
@@ -180,7 +184,7 @@ def check_version(wrapper) -> None:
             f"versions: {', '.join(TESTED_DEEPSPEED)}")
 
 
-def _stage12_entries(opt, names) -> list[FlatEntry]:
+def _stage12_entries(opt, names, rules) -> list[FlatEntry]:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     bf16 = isinstance(opt, BF16_Optimizer)
@@ -202,12 +206,13 @@ def _stage12_entries(opt, names) -> list[FlatEntry]:
         members = []
         for p, off in zip(params, offsets):
             a, b, o = member_range(off, p.numel(), rank * P, (rank + 1) * P)
-            members.append(Member(names.get(id(p), f"group{i}.param"), tuple(p.shape), a, b, o))
+            members.append(Member(names.get(id(p), f"group{i}.param"), tuple(p.shape), a, b, o,
+                                  rules.get(id(p))))
         out.append(FlatEntry(flat, i, members))
     return out
 
 
-def _stage3_entries(opt, names) -> list[FlatEntry]:
+def _stage3_entries(opt, names, rules) -> list[FlatEntry]:
     out = []
     for k, (flat, params) in enumerate(zip(opt.fp32_partitioned_groups_flat, opt.fp16_groups)):
         pg = opt._get_sub_group_process_group(k)
@@ -221,7 +226,7 @@ def _stage3_entries(opt, names) -> list[FlatEntry]:
                                    "sage_dist's layout: unsupported DeepSpeed version")
             a, b = stage3_range(p.ds_numel, world, rank)
             members.append(Member(names.get(id(p), f"subgroup{k}.param"), tuple(p.ds_shape),
-                                  a, b, off))
+                                  a, b, off, rules.get(id(p))))
             off += pn
         if off != flat.numel():
             raise RuntimeError(f"ZeRO-3 sub-group {k}: members fill {off} of {flat.numel()} "
@@ -235,12 +240,13 @@ class ZeroLayout(Layout):
 
     name = "zero"
 
-    def __init__(self, wrapper, names: dict[int, str]):
+    def __init__(self, wrapper, names: dict[int, str], rules: dict[int, str] | None = None):
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
         check_version(wrapper)
         self.stage3 = isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3)
-        entries = (_stage3_entries if self.stage3 else _stage12_entries)(wrapper, names)
+        entries = (_stage3_entries if self.stage3 else _stage12_entries)(wrapper, names,
+                                                                           rules or {})
         self.entries_by_id = {id(e.flat): e for e in entries}
         group = (wrapper._get_sub_group_process_group(0) if self.stage3
                  else wrapper.real_dp_process_group[0])
@@ -248,10 +254,12 @@ class ZeroLayout(Layout):
         self.reducer = StatsReducer(group if self.world > 1 else None)
 
     @classmethod
-    def of(cls, engine, names: dict[int, str]) -> "ZeroLayout":
-        """The layout of a DeepSpeed engine's partitions; `names` maps id(parameter) to its
-        name, taken before deepspeed.initialize (which swaps the param groups' tensors)."""
-        return cls(wrapper_of(engine), names)
+    def of(cls, engine, names: dict[int, str], rules: dict[int, str] | None = None
+           ) -> "ZeroLayout":
+        """The layout of a DeepSpeed engine's partitions; `names` (and `rules`) map
+        id(parameter) to its name (and its rule's name), taken before deepspeed.initialize
+        (which swaps the param groups' tensors)."""
+        return cls(wrapper_of(engine), names, rules)
 
     def entries(self, param_groups):
         """Every flat, whatever param_groups holds now: under ZeRO-3 DeepSpeed empties the
@@ -285,63 +293,65 @@ class ZeroLayout(Layout):
                                 whole=self.world == 1, rows_local=self.world == 1, slot=i))
         return out
 
+    def member_rules(self, flat, group: dict, index: int | None = None) -> list[str]:
+        e = self.entry(flat)
+        if group.get("rules") is not None and any(m.rule is None for m in e.members):
+            raise RuntimeError(f"param group {e.group_index} routes its parameters to several "
+                               f"rules, and the layout was built without them: build it "
+                               f"through sage_dist.deepspeed.initialize")
+        return [m.rule or group["rule"] for m in e.members]
+
     # -- state: one set of tensors per flat ------------------------------------------------
     def _specs(self, e: FlatEntry, rule):
-        return [rule.state_spec(m.shape, *matrix_shape(m.shape)) for m in e.members]
+        return [r.state_spec(m.shape, *matrix_shape(m.shape))
+                for r, m in zip(as_rules(rule, len(e.members)), e.members)]
 
     def new_state(self, flat: torch.Tensor, rule, dtype=torch.float32) -> dict:
         e = self.entry(flat)
-        specs = self._specs(e, rule)
-        elem, rep = state_sizes(specs, flat.numel())
-        if elem & set(rep):
-            raise NotImplementedError(
-                f"param group {e.group_index} mixes 1-D and >=2-D parameters under rule "
-                f"{rule.name!r}, whose state differs between them; put them in separate groups "
-                f"(build_optimizer does)")
-        st = {}
-        if any(s.step for s in specs):
-            st["step"] = torch.zeros(len(e.members), dtype=torch.float32)
-        for key in sorted(elem):
-            st[key] = torch.zeros_like(flat, dtype=dtype)
-        for key, n in rep.items():
-            st[key] = torch.zeros(n, dtype=torch.float32, device=flat.device)
-        return st
+        return flat_state.new_state(flat, e.members, self._specs(e, rule), dtype,
+                                    f"param group {e.group_index}")
 
     def member_state(self, flat, i: int, state: dict, rule) -> dict:
         e = self.entry(flat)
-        m, specs = e.members[i], self._specs(e, rule)
-        out = {}
-        for key, t in state.items():
-            if key == "step":
-                out[key] = t[i]
-            elif key in specs[i].elementwise:
-                out[key] = t[m.offset:m.offset + (m.b - m.a)]
-            else:
-                start = sum(s.replicated.get(key, 0) for s in specs[:i])
-                out[key] = t[start:start + specs[i].replicated[key]]
-        return out
+        return flat_state.member_state(e.members, self._specs(e, rule), flat.numel(), i, state)
 
     def elementwise_keys(self, flat, rule) -> set[str]:
         return state_sizes(self._specs(self.entry(flat), rule), flat.numel())[0]
 
+    def state_owners(self, flat, rule):
+        e = self.entry(flat)
+        rules = as_rules(rule, len(e.members))
+        if len({r.name for r in rules}) <= 1:
+            return None
+        return flat_state.owners(e.members, self._specs(e, rules), [r.name for r in rules],
+                                 flat.numel())
+
     def local_flat(self, t):
         return t.view(-1)
 
-    def gather(self, flat: torch.Tensor, values: torch.Tensor) -> list[torch.Tensor]:
+    def gather(self, flat: torch.Tensor, values: torch.Tensor, key: str | None = None,
+               rule=None) -> list[torch.Tensor | None]:
         """Whole fp32 tensors of every member of `flat`, from a flat-shaped local tensor (the
         flat itself, its grad, or elementwise state), assembled across ranks with one
-        all-reduce on the tensors' own device (NCCL groups need GPU tensors). Collective:
-        every rank of the group must call it for the same flat."""
+        all-reduce on the tensors' own device (NCCL groups need GPU tensors). For elementwise
+        state give its `key` and the members' `rule`: a packed key yields None for the members
+        that do not keep it. Collective: every rank of the group must call it for the same
+        flat."""
         e = self.entry(flat)
-        fulls = [torch.zeros(math.prod(m.shape), dtype=torch.float32, device=values.device)
-                 for m in e.members]
-        for full, m in zip(fulls, e.members):
-            full[m.a:m.b] = values[m.offset:m.offset + (m.b - m.a)].float()
+        offsets = [m.offset for m in e.members]
+        if key is not None:
+            offsets = flat_state.packing(e.members, self._specs(e, rule), flat.numel())[key][1]
+        fulls = [torch.zeros(math.prod(m.shape) if off is not None else 0, dtype=torch.float32,
+                             device=values.device) for m, off in zip(e.members, offsets)]
+        for full, m, off in zip(fulls, e.members, offsets):
+            if off is not None:
+                full[m.a:m.b] = values[off:off + (m.b - m.a)].float()
         if self.world > 1 and fulls:
             buf = torch.cat(fulls)
             dist.all_reduce(buf, group=self.reducer.group)
             fulls = list(torch.split(buf, [f.numel() for f in fulls]))
-        return [f.view(m.shape) for f, m in zip(fulls, e.members)]
+        return [None if off is None else f.view(m.shape)
+                for f, m, off in zip(fulls, e.members, offsets)]
 
 
 def refresh_model_weights(engine) -> None:
