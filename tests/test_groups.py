@@ -221,3 +221,17 @@ def test_merged_groups_hold_what_deepspeeds_own_adamw_holds():
     assert max(_grads_per_rank("llama_60m", 2, True, True)) <= 1.0001 * even
     assert max(_grads_per_rank("llama_7b", 64, True, True)) < 0.62 * max(
         _grads_per_rank("llama_7b", 64, True, False))
+
+
+def test_merge_of_unnamed_user_groups_keeps_parameters_and_rules_aligned():
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5, 3))
+    (g,) = merge_groups([dict(params=[a], rule="sage", lr=1e-3),
+                         dict(params=[b], rule="sinkhorn", lr=1e-3)])
+    assert g["rules"] == ["sage", "sinkhorn"] and "param_names" not in g
+    assert [p is q for p, q in zip(g["params"], (a, b))] == [True, True]
+    named = merge_groups([dict(params=[a], rule="sage", lr=1e-3, param_names=["a"]),
+                          dict(params=[b], rule="sinkhorn", lr=1e-3)])[0]
+    assert "param_names" not in named     # half-named: names would not line up
+    two = merge_groups([dict(params=[a], rule="sage", lr=1e-3),
+                        dict(params=[b], rule="sinkhorn", lr=2e-3)])
+    assert [x["rule"] for x in two] == ["sage", "sinkhorn"]

@@ -93,10 +93,14 @@ def merge_groups(groups: list[dict]) -> list[dict]:
         into.pop("rule", None)
         into.update({k: v for k, v in g.items() if k not in _IDENTITY_KEYS})
         into["rules"] = rules
+        named = len(into["param_names"]) == len(into["params"]) and \
+            len(g.get("param_names") or []) == len(g["params"])
         into["params"] += g["params"]
-        into["param_names"] += list(g.get("param_names") or [])
+        into["param_names"] = into["param_names"] + list(g["param_names"]) if named else []
         into["name"] = f"{into.get('name', 'group')}+{g.get('name', 'group')}"
     for m in out:
+        if not m["param_names"]:      # a group without names: the optimizer makes them up
+            m.pop("param_names")
         if m.get("rules") is not None and len(set(m["rules"])) == 1:  # one rule after all
             m["rule"] = m.pop("rules")[0]
     return out
