@@ -65,11 +65,13 @@ def rule_bytes(rule: str, group: dict, numel: int, once: bool = False,
 
 
 def step_bytes(opt, once: bool = False) -> int:
-    if not isinstance(opt, torch.optim.Optimizer) or "rule" not in opt.param_groups[0]:
+    from .shard.layout import group_rule
+    if not isinstance(opt, torch.optim.Optimizer) or not all(
+            "rule" in g or "rules" in g for g in opt.param_groups):
         return sum(7 * F32 * p.numel() for g in opt.param_groups for p in g["params"])
-    return sum(rule_bytes(g["rule"], g, p.numel(), once,
+    return sum(rule_bytes(group_rule(g, i), g, p.numel(), once,
                           one_sweep=ops.has_kernel("sinkhorn_update_multi_", p.device.type))
-               for g in opt.param_groups for p in g["params"])
+               for g in opt.param_groups for i, p in enumerate(g["params"]))
 
 
 def measure_bandwidth(n: int = 1 << 25, repeats: int = 10) -> float:

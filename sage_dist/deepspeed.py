@@ -147,7 +147,8 @@ def _initialize(ds_init, call: dict):
                 f"(drop the JSON's optimizer section to use the client optimizer, or pass no "
                 f"optimizer to build {recipe!r} from the JSON)")
         params = _params(cfg.pop("optimizer"))
-        params.setdefault("merge", merge_groups_for(model, cfg, recipe, params))
+        if "merge" not in params:
+            params["merge"] = merge_groups_for(model, cfg, recipe, params)
         client = build_optimizer(model, recipe, layout=PendingLayout(), **params)
     elif any(g.get("round_step", 0) for g in client.param_groups):
         raise ValueError("the sage_dist optimizer handed to deepspeed.initialize has already "
@@ -174,11 +175,18 @@ def _initialize(ds_init, call: dict):
     return engine, ds_opt, loader, sched
 
 
+# build_optimizer's keywords that are not hyperparameters of the recipe's rules
+_BUILD_OPTIONS = ("lr", "overrides", "head", "nonfinite", "layout", "state_dtype",
+                  "stochastic_rounding", "rounding_seed", "merge")
+
+
 def merge_groups_for(model, cfg: dict, recipe: str, options: dict) -> bool:
     """Whether to build `recipe`'s optimizer for this DeepSpeed config with merged param
     groups (build_optimizer's `merge`): where the estimator finds that it leaves the most
-    loaded rank with less device memory (sage_dist.memory.merge_pays). The data-parallel world
-    size is torch.distributed's, or WORLD_SIZE before it is initialised."""
+    loaded rank with less device memory (sage_dist.memory.merge_pays), for the groups that
+    `options` (build_optimizer's keywords) give. The data-parallel world size is
+    torch.distributed's (sage_dist refuses tensor and pipeline parallelism under DeepSpeed),
+    or WORLD_SIZE before it is initialised."""
     import torch.distributed as dist
 
     from .memory import merge_pays
@@ -192,10 +200,13 @@ def merge_groups_for(model, cfg: dict, recipe: str, options: dict) -> bool:
     if world < 2:
         return False
     off = (zcfg.get("offload_optimizer", {}) or {}).get("device") not in (None, "none")
-    bf16 = (cfg.get("bf16", {}) or {}).get("enabled") in (True, "true")
+    bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled") in (True, "true")
     state_dtype = options.get("state_dtype", "float32")
+    hyper = {k: v for k, v in options.items() if k not in _BUILD_OPTIONS}
+    if options.get("lr") is not None:
+        hyper["lr"] = options["lr"]
     return merge_pays(model, world, stage, recipe, bf16, off, head=options.get("head", "sage"),
-                      overrides=options.get("overrides"),
+                      overrides=options.get("overrides"), hyperparameters=hyper,
                       state_dtype=str(state_dtype).replace("torch.", ""))
 
 
@@ -269,7 +280,8 @@ def _refuse_swapped(optimizer) -> None:
     true) hands DeepSpeed a DeepSpeedCPUAdam built on our optimizer's param groups (the same
     dicts, still carrying 'rule'): refuse rather than train with Adam."""
     groups = getattr(optimizer, "param_groups", None) or []
-    if optimizer is not None and any(isinstance(g, dict) and "rule" in g for g in groups):
+    if optimizer is not None and any(isinstance(g, dict) and ("rule" in g or "rules" in g)
+                                     for g in groups):
         raise ValueError(
             f"deepspeed.initialize got a {type(optimizer).__name__} built on a sage_dist "
             f"optimizer's param groups: Accelerate replaces a client optimizer with DeepSpeed's "

@@ -64,8 +64,9 @@ class OptimizerFactory:
             register()
             _check_offload(dict(ds_config), named=False)
             options.setdefault("layout", PendingLayout())
-            options.setdefault("merge", merge_groups_for(model, dict(ds_config), recipe,
-                                                         options))
+            if "merge" not in options:
+                options["merge"] = merge_groups_for(model, dict(ds_config), recipe,
+                                                    dict(options, lr=lr))
         return build_optimizer(model, recipe, lr, **options)
 
 

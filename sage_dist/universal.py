@@ -89,16 +89,22 @@ def _rules(opt, e) -> list:
 
 def _saved_group(group: dict, saved: list[dict], groups: list[dict]) -> dict:
     """The saved group whose hyperparameters `group` takes: the one at the same position when
-    the groups are the same, else (groups merged differently when it was saved:
-    recipes.merge_groups) the first whose name shares a part with this one's
-    ('embedding+head+matrix' and 'head')."""
+    the groups are the same, else the one of the same name, else (groups merged differently
+    when it was saved: groups.merge_groups joins names with '+') the first that is one of the
+    groups merged into this one, or one this one was merged into ('embedding+matrix+head'
+    and 'head'; whole names only, as override patterns may hold '+' themselves)."""
     i = next(k for k, g in enumerate(groups) if g is group)
     if [g.get("name") for g in groups] == [sg.get("name") for sg in saved]:
         return saved[i]
-    parts = set(str(group.get("name", "")).split("+"))
-    for sg in saved:
-        if parts & set(str(sg.get("name", "")).split("+")):
-            return sg
-    name = group.get("name")
+    name = str(group.get("name", ""))
+
+    def part_of(part: str, joined: str) -> bool:
+        return part == joined or joined.startswith(part + "+") or \
+            joined.endswith("+" + part) or f"+{part}+" in joined
+
+    for match in (lambda s: s == name, lambda s: part_of(s, name), lambda s: part_of(name, s)):
+        for sg in saved:
+            if match(str(sg.get("name", ""))):
+                return sg
     raise ValueError(f"the universal checkpoint has no param group for {name!r}: it is of "
                      f"another optimizer")

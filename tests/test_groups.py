@@ -235,3 +235,48 @@ def test_merge_of_unnamed_user_groups_keeps_parameters_and_rules_aligned():
     two = merge_groups([dict(params=[a], rule="sage", lr=1e-3),
                         dict(params=[b], rule="sinkhorn", lr=2e-3)])
     assert [x["rule"] for x in two] == ["sage", "sinkhorn"]
+
+
+def test_hand_built_mixed_groups_refuse_ambiguous_defaults_and_keep_no_rule_key():
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\.betas is missing and the group's "
+                                         r"rules default to different values"):
+        sage_dist.optim.RoutedOptimizer([dict(params=[a, b], rules=["adamw", "lion"])])
+    opt = sage_dist.optim.RoutedOptimizer([dict(params=[a, b], rules=["sage", "sinkhorn"])],
+                                          {"rule": "sage"})
+    assert "rule" not in opt.param_groups[0]           # torch would fill it in from defaults
+
+
+def test_a_swapped_in_cpu_adam_on_merged_groups_is_refused():
+    from sage_dist.deepspeed import _refuse_swapped
+    opt = sage_dist.build_optimizer(tiny_llama(), "scale", merge=True)
+    assert all("rules" in g for g in opt.param_groups)
+    adam = torch.optim.Adam(opt.param_groups)          # what Accelerate builds on our groups
+    with pytest.raises(ValueError, match="zero_force_ds_cpu_optimizer"):
+        _refuse_swapped(adam)
+
+
+def test_universal_load_matches_groups_by_whole_names():
+    from sage_dist.universal import _saved_group
+    saved = [{"name": "embedding", "lr": 1}, {"name": r"override:layers\.\d+\.attn", "lr": 2},
+             {"name": r"override:layers\.\d+\.mlp", "lr": 3}, {"name": "matrix", "lr": 4}]
+    now = [{"name": "embedding+matrix"}, {"name": r"override:layers\.\d+\.attn"},
+           {"name": r"override:layers\.\d+\.mlp"}]
+    assert [_saved_group(g, saved, now)["lr"] for g in now] == [1, 2, 3]
+    back = [{"name": "embedding"}, {"name": "matrix"}, {"name": "head"}]
+    merged = [{"name": "embedding+matrix+head", "lr": 5}]
+    assert [_saved_group(g, merged, back)["lr"] for g in back] == [5, 5, 5]
+    vector = {"name": "vector"}
+    with pytest.raises(ValueError, match="no param group for 'vector'"):
+        _saved_group(vector, merged, [vector])
+
+
+def test_merge_choice_weighs_the_groups_the_hyperparameters_give():
+    """With these hyperparameters embed-head-adamw's groups all merge; without them they
+    would not: the estimator must weigh the grouping that will be built."""
+    model, recipe = tiny_llama(), "sage-hybrid.embed-head-adamw"
+    hp = dict(weight_decay=0.0, betas=(0.9, 0.999))
+    built = merge_groups(param_groups(model, recipe, **hp))
+    shapes = estimate.model_shapes(model, recipe, hyperparameters=hp)
+    assert len(shapes.merged) == len(built) == 1
+    assert len(estimate.model_shapes(model, recipe).merged) > 1

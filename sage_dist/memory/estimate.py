@@ -44,10 +44,11 @@ class ModelShapes:
 
 
 def model_shapes(model, recipe: str = "sage-hybrid", head: str = "sage", overrides=None,
-                 name: str | None = None) -> ModelShapes:
+                 name: str | None = None, hyperparameters: dict | None = None) -> ModelShapes:
     """Parameter shapes grouped exactly as build_optimizer groups them (one group per category
-    or override pattern, in the same order; and as recipes.merge_groups joins them), from a
-    config (shipped name, path, dict or object) or a module."""
+    or override pattern, in the same order; and as groups.merge_groups joins them, which
+    depends on the `hyperparameters` given to build_optimizer), from a config (shipped name,
+    path, dict or object) or a module."""
     from ..optim.groups import merge_groups
     from ..optim.recipes import param_groups
     from ..shard.fragment import global_shape
@@ -55,7 +56,7 @@ def model_shapes(model, recipe: str = "sage-hybrid", head: str = "sage", overrid
     if name is None:
         name = models.config_name(model)
     m = models.meta_model(model)
-    built = param_groups(m, recipe, overrides=overrides, head=head)
+    built = param_groups(m, recipe, overrides=overrides, head=head, **(hyperparameters or {}))
     cats = {id(p): g["name"] for g in built for p in g["params"]}
     groups, merged = ([([group_rule(g, i) for i in range(len(g["params"]))],
                         [ParamShape(n, tuple(global_shape(p)), cats[id(p)])
@@ -265,7 +266,7 @@ def estimate_ranks(model, world: int, engine: str = "deepspeed", zero: int = 2,
 
 def merge_pays(model, world: int, zero: int = 2, recipe: str = "sage-hybrid",
                bf16: bool = False, offload: bool = False, *, head: str = "sage",
-               overrides=None, **kw) -> bool:
+               overrides=None, hyperparameters: dict | None = None, **kw) -> bool:
     """Whether merged param groups (optim/groups.py) leave DeepSpeed ZeRO-1/2's most loaded
     rank with less device memory than one group per category.
 
@@ -279,8 +280,8 @@ def merge_pays(model, world: int, zero: int = 2, recipe: str = "sage-hybrid",
     if zero not in (1, 2):
         return False
     _check("deepspeed", world, zero, offload)
-    shapes = model if isinstance(model, ModelShapes) else model_shapes(model, recipe, head,
-                                                                       overrides)
+    shapes = model if isinstance(model, ModelShapes) else model_shapes(
+        model, recipe, head, overrides, hyperparameters=hyperparameters)
     most = [max(r["device_total"] for r in estimate_ranks(
         shapes, world, "deepspeed", zero, recipe, bf16, offload, merge=m, **kw))
         for m in (True, False)]

@@ -31,6 +31,12 @@ def check_group(group: dict, defaults: dict, where: str) -> dict:
     for key, value in defaults.items():
         if not (key == "rule" and "rules" in group):
             group.setdefault(key, value)
+    for key in sorted(set().union(*(r.defaults for r in rules.values())) - set(group)):
+        values = {repr(r.defaults[key]): r.name for r in rules.values() if key in r.defaults}
+        if len(values) > 1:   # a mixed group shares its hyperparameters: no silent pick
+            raise ValueError(f"{where}{key} is missing and the group's rules default to "
+                             f"different values ({', '.join(f'{n}: {v}' for v, n in values.items())})"
+                             f": give {key} in the group")
     for rule in rules.values():
         for key, value in rule.defaults.items():
             group.setdefault(key, value)

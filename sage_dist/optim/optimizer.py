@@ -76,6 +76,8 @@ class RoutedOptimizer(torch.optim.Optimizer):
                                  f"param_groups[{seen[id(p)]}]: allowed is each parameter in "
                                  f"one group only")
         super().add_param_group(group)
+        if "rules" in group:
+            group.pop("rule", None)   # torch's add_param_group fills in defaults' 'rule'
         for i, p in enumerate(group["params"]):
             rule = rules[group_rule(group, i)]
             if rule.matrix_only and len(global_shape(p)) < 2:
