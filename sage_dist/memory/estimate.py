@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import models
+from ..shard import flat_state
 from ..shard import zero as zero_layout   # `zero` is the stage argument below
 from .measure import COMPONENTS, FP32, nonzero_rules
 
@@ -104,21 +105,16 @@ class _Acc:
         r[kind] += n
 
     def add_rule_state(self, rules, specs, helds, elem_numel: int):
-        """State of one optimizer entry (a parameter, or a flat holding one member per spec),
-        as the layouts create it (shard/zero.py): an elementwise key every member keeps has
-        `elem_numel` values, any other the held elements (`helds`) of the members keeping it;
-        replicated entries and one fp32 step per member whose spec keeps one. Each member's
-        share goes to its rule; a flat-shaped key's padding to the last member's."""
-        keys = set().union(*(s.elementwise for s in specs)) if specs else set()
-        for key in sorted(keys):
-            keeps = [i for i, s in enumerate(specs) if key in s.elementwise]
-            for i in keeps:
-                self.add_state(rules[i], "elementwise", helds[i] * self.state_elem_bytes)
-            if len(keeps) == len(specs):
-                pad = elem_numel - sum(helds)
-                self.add_state(rules[keeps[-1]], "elementwise", pad * self.state_elem_bytes)
-        for rule, s in zip(rules, specs):
-            self.add_state(rule, "replicated", (sum(s.replicated.values()) + s.step) * FP32)
+        """State of one optimizer entry (a parameter, or a flat holding one member per spec,
+        `helds` elements of each here), counted per rule as the layouts create it
+        (shard/flat_state.py `owners`, which state_bytes(by_rule=True) uses too)."""
+        members = [zero_layout.Member("", (), 0, n, 0) for n in helds]
+        elem = set().union(*(s.elementwise for s in specs)) if specs else set()
+        for key, split in flat_state.owners(members, specs, rules, elem_numel).items():
+            kind = "elementwise" if key in elem else "replicated"
+            size = self.state_elem_bytes if kind == "elementwise" else FP32
+            for rule, n in split.items():
+                self.add_state(rule, kind, n * size)
 
     def record(self, rank, world, kind, location) -> dict:
         st = dict(self.state)
