@@ -196,20 +196,6 @@ SD_ALWAYS_INLINE void add_col_terms(float* acc, const X& x, float r, const float
   for (; j < len; ++j) acc[j] = acc[j] + term<HR, HC>(x.at(j), r, HC ? c[j] : 1.f);
 }
 
-// Two rows' shares, the first's added first (as two add_col_terms calls would).
-template <typename X>
-SD_ALWAYS_INLINE void add_col_terms2(float* acc, const X& x, float rx, const X& y, float ry,
-                           int64_t len) {
-  const V rxv(rx), ryv(ry), one(1.f);
-  int64_t j = 0;
-  for (; j + kW <= len; j += kW) {
-    const V a = V::load(acc + j) + term<true, false>(x.vec(j), rxv, one);
-    (a + term<true, false>(y.vec(j), ryv, one)).store(acc + j);
-  }
-  for (; j < len; ++j)
-    acc[j] = (acc[j] + term<true, false>(x.at(j), rx, 1.f)) + term<true, false>(y.at(j), ry, 1.f);
-}
-
 inline void flush_block(float* acc32, double* out64, int64_t C) {
   for (int64_t j = 0; j < C; ++j) {
     out64[j] += static_cast<double>(acc32[j]);
@@ -344,44 +330,61 @@ void sq_rows(const cpu::SqArgs& a, int64_t i0, int64_t i1, float* out) {
 // scale, its column terms with that scale. The same row_sq / add_col_terms / blocks as
 // sq_rows (dim 1, r absent) and sq_cols_chunk (dim 0, c absent), so the phase-by-phase path
 // gets the same numbers.
+// The column terms (x r)^2 of the n <= 8 rows of one block, per column added in row order
+// from the first term in fp32, then widened into out64: bit for bit what add_col_terms row
+// after row and flush_block give (0 + t == t for a square), without storing and reloading
+// the fp32 partials between rows, which bounded the column pass.
+template <typename G>
+SD_ALWAYS_INLINE void block_col_terms(const G* g, int64_t C, const float* r, int n,
+                                      float* acc32, double* out64) {
+  V rv[kBlockTerms];
+  for (int k = 0; k < n; ++k) rv[k] = V(r[k]);
+  const V one(1.f);
+  int64_t j = 0;
+  for (; j + kW <= C; j += kW) {
+    V sum = term<true, false>(V::load(g + j), rv[0], one);
+    for (int k = 1; k < n; ++k) sum = sum + term<true, false>(V::load(g + k * C + j), rv[k], one);
+    sum.store(acc32 + j);
+  }
+  for (; j < C; ++j) {
+    float sum = term<true, false>(to_float(g[j]), r[0], 1.f);
+    for (int k = 1; k < n; ++k) sum = sum + term<true, false>(to_float(g[k * C + j]), r[k], 1.f);
+    acc32[j] = sum;
+  }
+  for (j = 0; j < C; ++j) out64[j] += static_cast<double>(acc32[j]);
+}
+
+// One Sinkhorn iteration over whole rows [i0, i1): row sum with the current c, the row's new
+// scale, its column terms with that scale. The same row_sq / blocks as sq_rows (dim 1, r
+// absent) and sq_cols_chunk (dim 0, c absent), so the phase-by-phase path gets the same
+// numbers. Block by block (8 rows; chunks start on a block): the rows' sums in pairs, their
+// new scales, then the block's column terms while its rows are in L1/L2. While a pair is
+// summed, the same pair of the next block is prefetched: on a gradient that is not in cache
+// (a sharded run's sweeps, one per iteration) the hardware prefetcher alone left a core at
+// ~8 GB/s of its ~24; with this ~11 (x40 [256, 1376] fragments, one thread). Prefetches
+// change no result.
 template <typename G, bool HC, bool CHECK>
 void sweep_t(const G* g, int64_t C, int64_t i0, int64_t i1, const float* c, float* r, float rt,
              float eps, float* acc32, double* out64, uint32_t* bits) {
   B b = B::zero();
-  std::fill(acc32, acc32 + C, 0.f);
-  int rows = 0;
   auto row = [&](int64_t i) { return GradX<G>{g + i * C}; };
-  // Rows in pairs (blocks hold 8 rows, chunks start on a block); the pair's row sums are
-  // taken before the previous pair's column terms, which wait for their scales. While a
-  // pair is summed, the rows 6 ahead of it are prefetched: on a gradient that is not in
-  // cache (a sharded run's sweeps, one per iteration) the hardware prefetcher alone left a
-  // core at ~8 GB/s of its ~24; with this ~11 (x40 [256, 1376] fragments, one thread).
-  // Prefetches change no result.
-  int64_t i = i0;
-  double s0 = 0.0, s1 = 0.0;
-  if (i + 1 < i1) row_sq2<HC, CHECK>(row(i), row(i + 1), c, C, b, s0, s1);
-  for (; i + 1 < i1; i += 2) {
-    const float r0 = ew::sinkhorn_rescale(r[i], static_cast<float>(s0), rt, eps);
-    const float r1 = ew::sinkhorn_rescale(r[i + 1], static_cast<float>(s1), rt, eps);
-    r[i] = r0;
-    r[i + 1] = r1;
-    if (i + 3 < i1)
-      row_sq2<HC, CHECK>(row(i + 2), row(i + 3), c, C, b, s0, s1,
-                         i + 9 < i1 ? reinterpret_cast<const char*>(g + (i + 8) * C) : nullptr);
-    add_col_terms2(acc32, row(i), r0, row(i + 1), r1, C);
-    if ((rows += 2) == kBlockTerms) {
-      flush_block(acc32, out64, C);
-      rows = 0;
+  for (int64_t b0 = i0; b0 < i1; b0 += kBlockTerms) {
+    const int64_t b1 = std::min(i1, b0 + kBlockTerms);
+    int64_t i = b0;
+    for (; i + 1 < b1; i += 2) {
+      double s0, s1;
+      const int64_t next = i + kBlockTerms;
+      row_sq2<HC, CHECK>(row(i), row(i + 1), c, C, b, s0, s1,
+                         next + 1 < i1 ? reinterpret_cast<const char*>(g + next * C) : nullptr);
+      r[i] = ew::sinkhorn_rescale(r[i], static_cast<float>(s0), rt, eps);
+      r[i + 1] = ew::sinkhorn_rescale(r[i + 1], static_cast<float>(s1), rt, eps);
     }
+    if (i < b1) {  // an odd last row
+      const double s = row_sq<false, HC, CHECK>(row(i), 1.f, c, C, b);
+      r[i] = ew::sinkhorn_rescale(r[i], static_cast<float>(s), rt, eps);
+    }
+    block_col_terms(g + b0 * C, C, r + b0, static_cast<int>(b1 - b0), acc32, out64);
   }
-  if (i < i1) {  // an odd last row
-    const double s = row_sq<false, HC, CHECK>(row(i), 1.f, c, C, b);
-    const float ri = ew::sinkhorn_rescale(r[i], static_cast<float>(s), rt, eps);
-    r[i] = ri;
-    add_col_terms<true, false>(acc32, row(i), ri, nullptr, C);
-    ++rows;
-  }
-  if (rows) flush_block(acc32, out64, C);
   if constexpr (CHECK) *bits = std::max(*bits, b.max());
 }
 
