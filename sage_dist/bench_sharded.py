@@ -3,13 +3,17 @@
     python -m sage_dist.bench sharded --model llama_60m --world 2 --engine fsdp2 zero1 zero2 zero3
 
 For each engine, `world` gloo processes on this machine (one thread each) train a Llama config
-on random tokens, once with sage-hybrid and once with AdamW on the same engine: torch's AdamW
+on random tokens with sage-hybrid and with AdamW on the same engine, taking turns step by step: torch's AdamW
 (foreach and fused) on FSDP2's DTensors; DeepSpeed's own AdamW under ZeRO (its FusedAdam, or
 with `--ds-adam torch` DeepSpeed's `torch_adam` choice, torch.optim.AdamW). Per training step it
 times the optimizer step as the engine runs it (FSDP2: `opt.step()`; ZeRO: `engine.step()`,
 which also reduces, clips and re-gathers) and the whole step (forward, backward, step), the
-slowest rank's time counting. It prints the medians, the ratios to AdamW, and the training
-tokens/s of each; `--json` writes them. Every figure comes from one run.
+slowest rank's time counting. The step's clock starts at a barrier after the backward:
+otherwise a step whose first collective waits for a rank still in its backward (ours
+all-reduces statistics; AdamW's step has no collective) would be charged that rank's lag,
+which with AdamW lands in the next forward instead. It prints the medians, the ratios to
+AdamW, and the training tokens/s of each; `--json` writes them. Every figure comes from one
+run.
 
 It also measures (sage_dist.memory.measure) each rank's gradient bytes between the first
 backward and the first step, beside an even split of all gradients over the ranks. Under
@@ -72,6 +76,7 @@ def _slowest(seconds: float) -> float:
 
 def _fsdp2(model_name, spec, world):
     import torch
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from .fsdp import shard_llama
@@ -90,6 +95,7 @@ def _fsdp2(model_name, spec, world):
         model(input_ids=x, labels=x).loss.backward()
         if not grads:
             grads.extend(_gradient_bytes(model, opt))
+        dist.barrier()   # the step's clock starts when every rank has its gradients (below)
         t0 = time.perf_counter()
         opt.step()
         t1 = time.perf_counter()
@@ -99,6 +105,8 @@ def _fsdp2(model_name, spec, world):
 
 
 def _zero(model_name, spec, stage, batch):
+    import torch.distributed as dist
+
     from . import deepspeed as sdds
     from .models import build_model
 
@@ -112,6 +120,7 @@ def _zero(model_name, spec, stage, batch):
         engine.backward(engine(input_ids=x, labels=x).loss)
         if not grads:
             grads.extend(_gradient_bytes(engine, opt))
+        dist.barrier()
         t0 = time.perf_counter()
         engine.step()
         return time.perf_counter() - t0
@@ -131,31 +140,33 @@ def _worker(rank, world, port, out_dir, args):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = {}
+    cases = []
     for name, spec in _cases(args["engine"], args["ds_adam"], args.get("per_category", False)):
         if args["engine"] == "fsdp2":
-            model, train_step, grads = _fsdp2(args["model"], spec, world)
+            cases.append((name, *_fsdp2(args["model"], spec, world)))
         else:
-            model, train_step, grads = _zero(args["model"], spec, int(args["engine"][-1]),
-                                             args["batch"])
-        vocab = model.config.vocab_size
-        steps, whole = [], []
-        for i in range(args["warmup"] + args["steps"]):
-            x = _tokens(i, rank, args["batch"], args["seq"], vocab)
+            cases.append((name, *_zero(args["model"], spec, int(args["engine"][-1]),
+                                       args["batch"])))
+    # The optimizers take turns step by step, the first of each round rotating, so the
+    # machine's drift over the run (this one is shared) falls on all of them alike.
+    steps, whole = ({name: [] for name, *_ in cases} for _ in range(2))
+    for i in range(args["warmup"] + args["steps"]):
+        for name, model, train_step, _ in cases[i % len(cases):] + cases[:i % len(cases)]:
+            x = _tokens(i, rank, args["batch"], args["seq"], model.config.vocab_size)
             dist.barrier()
             t0 = time.perf_counter()
             step_s = train_step(x)
             total_s = time.perf_counter() - t0
             step_s, total_s = _slowest(step_s), _slowest(total_s)
             if i >= args["warmup"]:
-                steps.append(step_s)
-                whole.append(total_s)
-        tokens = world * args["batch"] * args["seq"]
-        results[name] = dict(step_seconds=statistics.median(steps),
-                             train_step_seconds=statistics.median(whole),
-                             tokens_per_second=tokens / statistics.median(whole),
-                             gradient_bytes_per_rank=list(grads))
-        del model, train_step
+                steps[name].append(step_s)
+                whole[name].append(total_s)
+    tokens = world * args["batch"] * args["seq"]
+    results = {name: dict(step_seconds=statistics.median(steps[name]),
+                          train_step_seconds=statistics.median(whole[name]),
+                          tokens_per_second=tokens / statistics.median(whole[name]),
+                          gradient_bytes_per_rank=list(grads))
+               for name, _, _, grads in cases}
     if rank == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(results, f)
