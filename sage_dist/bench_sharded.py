@@ -3,12 +3,12 @@
     python -m sage_dist.bench sharded --model llama_60m --world 2 --engine fsdp2 zero1 zero2 zero3
 
 For each engine, `world` gloo processes on this machine (one thread each) train a Llama config
-on random tokens with sage-hybrid and with AdamW on the same engine, taking turns step by step: torch's AdamW
-(foreach and fused) on FSDP2's DTensors; DeepSpeed's own AdamW under ZeRO (its FusedAdam, or
-with `--ds-adam torch` DeepSpeed's `torch_adam` choice, torch.optim.AdamW). Per training step it
-times the optimizer step as the engine runs it (FSDP2: `opt.step()`; ZeRO: `engine.step()`,
-which also reduces, clips and re-gathers) and the whole step (forward, backward, step), the
-slowest rank's time counting. The step's clock starts at a barrier after the backward:
+on random tokens with sage-hybrid and with AdamW on the same engine, taking turns step by
+step: torch's AdamW (foreach and fused) on FSDP2's DTensors; DeepSpeed's own AdamW under ZeRO
+(its FusedAdam, or with `--ds-adam torch` DeepSpeed's `torch_adam` choice, torch.optim.AdamW).
+Per training step it times the optimizer step as the engine runs it (FSDP2: `opt.step()`;
+ZeRO: `engine.step()`, which also reduces, clips and re-gathers) and the whole step (forward,
+backward, step), the slowest rank's time counting. The step's clock starts at a barrier after the backward:
 otherwise a step whose first collective waits for a rank still in its backward (ours
 all-reduces statistics; AdamW's step has no collective) would be charged that rank's lag,
 which with AdamW lands in the next forward instead. It prints the medians, the ratios to

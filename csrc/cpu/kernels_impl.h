@@ -326,10 +326,6 @@ void sq_rows(const cpu::SqArgs& a, int64_t i0, int64_t i1, float* out) {
 }
 
 // ---------------------------------------------------------------------------------------
-// One Sinkhorn iteration over whole rows [i0, i1): row sum with the current c, the row's new
-// scale, its column terms with that scale. The same row_sq / add_col_terms / blocks as
-// sq_rows (dim 1, r absent) and sq_cols_chunk (dim 0, c absent), so the phase-by-phase path
-// gets the same numbers.
 // The column terms (x r)^2 of the n <= 8 rows of one block, per column added in row order
 // from the first term in fp32, then widened into out64: bit for bit what add_col_terms row
 // after row and flush_block give (0 + t == t for a square), without storing and reloading
