@@ -347,7 +347,7 @@ SD_ALWAYS_INLINE void block_col_terms(const G* g, int64_t C, const float* r, int
     for (int k = 1; k < n; ++k) sum = sum + term<true, false>(to_float(g[k * C + j]), r[k], 1.f);
     acc32[j] = sum;
   }
-  for (j = 0; j < C; ++j) out64[j] += static_cast<double>(acc32[j]);
+  flush_block(acc32, out64, C);
 }
 
 // One Sinkhorn iteration over whole rows [i0, i1): row sum with the current c, the row's new
