@@ -22,14 +22,19 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+_DS_SHAPE = None  # zero.ds_shape, bound on first use (zero.py imports this module)
+
+
 def global_shape(p: torch.Tensor) -> tuple[int, ...]:
     """Shape of the whole parameter, whatever engine holds it.
 
     DTensor reports its global shape; a DeepSpeed ZeRO-3 parameter keeps it elsewhere.
     """
-    from .zero import ds_shape  # (zero.py imports this module)
-
-    shape = ds_shape(p)
+    global _DS_SHAPE
+    if _DS_SHAPE is None:  # (an import statement per call costs a step ~0.1 ms)
+        from .zero import ds_shape
+        _DS_SHAPE = ds_shape
+    shape = _DS_SHAPE(p)
     return shape if shape is not None else tuple(p.shape)
 
 

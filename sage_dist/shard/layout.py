@@ -84,9 +84,16 @@ class Layout:
         return [group["rules"][index]]
 
     def _spec(self, entry, rule):
+        # Asked for every fragment on every step: kept per (entry, rule) object, both held
+        # (so an id is never another object's), as a global shape does not change.
         rule = as_rules(rule, 1)[0]
-        shape = global_shape(entry)
-        return rule.state_spec(shape, *matrix_shape(shape))
+        specs = self.__dict__.setdefault("_specs", {})
+        hit = specs.get((id(entry), id(rule)))
+        if hit is None:
+            shape = global_shape(entry)
+            hit = specs[(id(entry), id(rule))] = (entry, rule,
+                                                 rule.state_spec(shape, *matrix_shape(shape)))
+        return hit[2]
 
     def new_state(self, entry: torch.Tensor, rule, dtype=torch.float32) -> dict:
         spec = self._spec(entry, rule)
@@ -120,12 +127,17 @@ class LocalLayout(Layout):
         self.reducer = StatsReducer(None)
 
     def fragments(self, p: torch.Tensor, name: str) -> list[Fragment]:
-        shape = global_shape(p)
-        R, C = matrix_shape(shape)
+        geometry = self.__dict__.setdefault("_geometry", {})  # (p, shape, span), as _spec
+        hit = geometry.get(id(p))
+        if hit is None:
+            shape = global_shape(p)
+            R, C = matrix_shape(shape)
+            hit = geometry[id(p)] = (p, shape, Span(R, C, 0, R * C))
+        _, shape, span = hit
         grad = p.grad
         if grad is not None and not grad.is_sparse:
             grad = grad.reshape(-1)
-        return [Fragment(name=name, param=p, shape=shape, span=Span(R, C, 0, R * C),
+        return [Fragment(name=name, param=p, shape=shape, span=span,
                          data=p.detach().reshape(-1), grad=grad, whole=True, rows_local=True)]
 
 
