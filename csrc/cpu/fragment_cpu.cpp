@@ -391,8 +391,9 @@ uint32_t sinkhorn_serial(const cpu::Kernels& kern, const Whole& w, int64_t iters
     std::fill(s.total.begin(), s.total.begin() + w.C, 0.0);
     for (int64_t i0 = 0; i0 < w.R; i0 += K) {
       std::fill(s.out64.begin(), s.out64.begin() + w.C, 0.0);
+      // (after the first sweep the matrix is in this core's cache: no prefetches)
       kern.sinkhorn_sweep(w.g, w.bf16, w.C, i0, std::min(w.R, i0 + K), it ? c : nullptr, r, w.rt,
-                          eps, s.acc32.data(), s.out64.data(), it ? nullptr : &bits);
+                          eps, s.acc32.data(), s.out64.data(), it ? nullptr : &bits, it == 0);
       for (int64_t j = 0; j < w.C; ++j) s.total[j] += s.out64[j];
     }
     for (int64_t j = 0; j < w.C; ++j)
@@ -417,7 +418,7 @@ uint32_t sinkhorn_parallel(const cpu::Kernels& kern, const Whole& w, int64_t ite
       const int64_t i0 = k * K;
       kern.sinkhorn_sweep(w.g, w.bf16, w.C, i0, std::min(w.R, i0 + K), it ? c : nullptr, r, w.rt,
                           eps, acc.data() + slot * w.C, part.data() + k * w.C,
-                          it ? nullptr : bits.at(slot));
+                          it ? nullptr : bits.at(slot), true);  // (larger than a cache)
     });
     std::vector<double> total(part.begin(), part.begin() + w.C);
     for (int64_t k = 1; k < chunks; ++k)
@@ -450,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_sweep_cpu(const at::Tensor& grad, at
                         kern.sinkhorn_sweep(g, bf16, C, i0, i1, cp, rp,
                                             static_cast<float>(row_target),
                                             static_cast<float>(eps), acc32, out64,
-                                            check ? bits.at(slot) : nullptr);
+                                            check ? bits.at(slot) : nullptr, true);
                       });
   return {cols, at::full({1}, check && bits.nonfinite() ? 1.0 : 0.0, f32)};
 }

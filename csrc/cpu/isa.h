@@ -60,9 +60,10 @@ struct Kernels {
   // One Sinkhorn iteration's sweep over the whole rows [i0, i1) of a whole [R, C] matrix:
   // for each row its sum of (g c)^2 (c null: ones), its new scale r[i] (sinkhorn_rescale
   // with target rt), then its terms (g r[i])^2 into the chunk's column partials.
+  // `prefetch`: g is (likely) not in cache; its next rows are requested ahead of the reads.
   void (*sinkhorn_sweep)(const void* g, bool g_bf16, int64_t C, int64_t i0, int64_t i1,
                          const float* c, float* r, float rt, float eps, float* acc32,
-                         double* out64, uint32_t* bits);
+                         double* out64, uint32_t* bits, bool prefetch);
   // fp32 parameter and gradient only (other dtypes: the base build's loops).
   void (*scaled_rows)(float* p, const float* g, const float* r, const float* c, int64_t n,
                       int64_t C, int64_t start, int64_t i0, int64_t i1, double lr, double wd,
