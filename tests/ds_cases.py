@@ -43,6 +43,7 @@ class Checker:
         if seed_state:
             self._seed()
         self.worst, self.flips, self.numel, self.calls = 0.0, 0, 0, 0
+        self.most_collectives = 0  # all-reduces of the step() call that issued the most
         opt.register_step_pre_hook(self.pre)
         opt.register_step_post_hook(self.post)
 
@@ -81,6 +82,7 @@ class Checker:
 
     def post(self, opt, args, kwargs):
         self.calls += 1
+        self.most_collectives = max(self.most_collectives, opt.comm_stats()["collectives"])
         done = {}
         for g, flat, name, expected, rule in self.pending:
             if id(flat) not in done:
@@ -136,7 +138,8 @@ def exactness(rank, world, stage, recipes, steps, extra):
                 engine.step()
         out[recipe] = dict(rel=chk.worst, flips=chk.flips, numel=chk.numel, calls=chk.calls,
                            straddle=straddles_mid_row(basic), wrapper=type(opt).__name__,
-                           comm=basic.comm_stats(), state=basic.state_bytes(),
+                           comm=basic.comm_stats(), most_collectives=chk.most_collectives,
+                           state=basic.state_bytes(),
                            groups=len(basic.param_groups))
     return out
 

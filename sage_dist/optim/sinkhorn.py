@@ -25,24 +25,20 @@ def sinkhorn_scales(f, g: torch.Tensor, iters: int, eps: float, row_target: floa
     runs all L iterations in one native call while g is still in cache, instead of one pass
     per phase. Both paths run the same kernels and agree bit for bit. (The rule prefers the
     engine's batch of whole matrices, `SinkhornRule.run`; this is the path without it.) A
-    fragment of whole rows yields once per iteration (the column sums), the rows being local."""
-    R, C, start = f.rows, f.cols, f.span.start
+    fragment whose cut rows are known (FSDP2's row blocks: none; ZeRO's flat ranges: the
+    few rows a partition boundary falls inside) yields once per iteration (`_one_reduce`);
+    others (tensor parallelism's column blocks) twice, the row sums, then the column sums."""
+    R, C = f.rows, f.cols
     if f.whole:
         yield []
         return ops.sinkhorn_scales(g, R, C, iters, eps, row_target, col_target)
     r = torch.ones(R, dtype=torch.float32, device=g.device)
     c = torch.ones(C, dtype=torch.float32, device=g.device)
-    if f.rows_local and has_kernel("sinkhorn_sweep_", g.device.type):
-        # Whole rows here (FSDP2): one sweep per iteration gives the rows' new scales and the
-        # column partials, the first also the finiteness flag; one all-reduce per iteration.
-        # The same numbers as the two passes below.
-        mine = r[start // C:(start + g.numel()) // C]
-        for it in range(iters):
-            cols, bad = ops.sinkhorn_sweep_(g, mine, None if it == 0 else c, C, row_target,
-                                            eps, it == 0)
-            (cols,) = yield ([("nonfinite", bad)] if it == 0 else []) + [("col", cols)]
-            c = ops.sinkhorn_rescale(c, cols, col_target, eps)
-        return r, c
+    straddle = () if f.rows_local else f.straddle_rows
+    if straddle is not None and not f.span.is_block \
+            and has_kernel("sinkhorn_sweep_", g.device.type):
+        return (yield from _one_reduce(f, g, r, c, straddle, iters, eps, row_target,
+                                       col_target))
     span = f.span   # a block when tensor parallelism cuts the columns: the ops see it whole
     lR, lC, lstart = span.op_args
     for _ in range(iters):
@@ -51,6 +47,53 @@ def sinkhorn_scales(f, g: torch.Tensor, iters: int, eps: float, row_target: floa
         r = ops.sinkhorn_rescale(r, rows, row_target, eps)
         (cols,) = yield [("col", span.global_cols(
             ops.sq_sums(g, span.local_rows(r), None, lR, lC, lstart, 0)))]
+        c = ops.sinkhorn_rescale(c, cols, col_target, eps)
+    return r, c
+
+
+def _one_reduce(f, g, r, c, straddle, iters, eps, row_target, col_target):
+    """Generator: the iterations of a fragment of a flat range [a, a + n) with one all-reduce
+    each. The rows it holds whole: one sweep per iteration (their sums with the current c,
+    their new scales, their column partials; the first sweep also checks g). The `straddle`
+    rows (cut by some rank's range; the same on every rank): their values travel once, in the
+    first all-reduce, each rank adding the pieces it holds to zeros (exact); from then on every
+    rank computes their sums, scales and column terms itself and adds the terms to the
+    all-reduced column sums, so all ranks hold the same c. Row sums are the canonical sums of
+    whole rows either way; the column sums are added in another order than the two-pass path
+    (within rounding of it)."""
+    C, a, n = f.cols, f.span.start, g.numel()
+    first = -(-a // C)                       # the rows [first, end) are held whole
+    end = max(first, (a + n) // C)
+    whole = g[first * C - a:first * C - a + (end - first) * C] if end > first else g[:0]
+    mine = r[first:end]
+    pieces = []                              # (row, first column, values) of rows held in part
+    if n and a % C:
+        pieces.append((a // C, a % C, g[:min(n, C - a % C)]))
+    if n and (a + n) % C and (a + n) // C * C >= a:
+        pieces.append(((a + n) // C, 0, g[n - (a + n) % C:]))
+    slot = {row: k for k, row in enumerate(straddle)}
+    held = torch.zeros((len(straddle), C), dtype=torch.float32, device=g.device)
+    for row, c0, values in pieces:
+        if row not in slot:
+            raise RuntimeError(f"{f.name}: row {row} is held here in part, but the layout did "
+                               f"not list it among the rows that straddle a partition")
+        held[slot[row], c0:c0 + values.numel()] = values
+    rows = torch.tensor(straddle, dtype=torch.long, device=g.device)
+    full = None
+    for it in range(iters):
+        cols, bad = ops.sinkhorn_sweep_(whole, mine, None if it == 0 else c, C, row_target,
+                                        eps, it == 0)
+        if it == 0 and straddle:
+            bad = torch.maximum(bad, (~torch.isfinite(held)).any().float().reshape(1))
+            cols, full = yield [("nonfinite", bad), ("col", cols), ("col", held.view(-1))]
+        else:
+            (cols,) = yield ([("nonfinite", bad)] if it == 0 else []) + [("col", cols)]
+        if straddle:
+            S = len(straddle)
+            sums = ops.sq_sums(full, None, None if it == 0 else c, S, C, 0, 1)
+            r_s = ops.sinkhorn_rescale(r[rows], sums, row_target, eps)
+            r[rows] = r_s
+            cols = cols + ops.sq_sums(full, r_s, None, S, C, 0, 0)
         c = ops.sinkhorn_rescale(c, cols, col_target, eps)
     return r, c
 

@@ -52,6 +52,11 @@ class Fragment:
     # so those travel whenever the parameter is cut, even by columns only.)
     rows_local: bool
     slot: int = 0           # position among the fragments of its optimizer entry
+    # Where the layout knows every rank's range (DeepSpeed ZeRO): the global rows that some
+    # rank's range starts or ends inside, the same on every rank (None: not known). Sinkhorn
+    # completes these few rows from their values, gathered in its first all-reduce, so that
+    # each iteration needs one all-reduce instead of two.
+    straddle_rows: tuple[int, ...] | None = None
     # False on all but one of the ranks that hold the same block (a parameter replicated over a
     # mesh dim the statistics are summed over): it then adds zeros, so each element counts once.
     contributes: bool = True

@@ -158,6 +158,19 @@ class Member:
     b: int
     offset: int
     rule: str | None = None     # its rule's name where known (needed in a mixed group)
+    # Where the ranks' ranges meet inside the member (its own flat index, 0 < e < numel), the
+    # same on every rank: from them the rows that straddle a partition (Fragment.straddle_rows).
+    cuts: tuple[int, ...] = ()
+
+    def straddle_rows(self) -> tuple[int, ...]:
+        C = matrix_shape(self.shape)[1]
+        return tuple(sorted({e // C for e in self.cuts if e % C}))
+
+
+def cuts_of(start: int, size: int, bounds) -> tuple[int, ...]:
+    """The partition boundaries (flat positions) that fall strictly inside a member at flat
+    [start, start + size), in its own index."""
+    return tuple(q - start for q in bounds if start < q < start + size)
 
 
 @dataclass
@@ -203,11 +216,11 @@ def _stage12_entries(opt, names, rules) -> list[FlatEntry]:
             offsets = [sum(p.numel() for p in params[:j]) for j in range(len(params))]
         else:     # round-robin order, with any per-parameter alignment padding
             params, offsets = opt.round_robin_bit16_groups[i], opt.round_robin_bit16_offsets[i]
-        members = []
+        members, bounds = [], [k * P for k in range(1, world)]
         for p, off in zip(params, offsets):
             a, b, o = member_range(off, p.numel(), rank * P, (rank + 1) * P)
             members.append(Member(names.get(id(p), f"group{i}.param"), tuple(p.shape), a, b, o,
-                                  rules.get(id(p))))
+                                  rules.get(id(p)), cuts_of(off, p.numel(), bounds)))
         out.append(FlatEntry(flat, i, members))
     return out
 
@@ -225,8 +238,9 @@ def _stage3_entries(opt, names, rules) -> list[FlatEntry]:
                 raise RuntimeError("DeepSpeed ZeRO-3 partition bookkeeping disagrees with "
                                    "sage_dist's layout: unsupported DeepSpeed version")
             a, b = stage3_range(p.ds_numel, world, rank)
+            bounds = [stage3_range(p.ds_numel, world, q)[0] for q in range(1, world)]
             members.append(Member(names.get(id(p), f"subgroup{k}.param"), tuple(p.ds_shape),
-                                  a, b, off, rules.get(id(p))))
+                                  a, b, off, rules.get(id(p)), cuts_of(0, p.ds_numel, bounds)))
             off += pn
         if off != flat.numel():
             raise RuntimeError(f"ZeRO-3 sub-group {k}: members fill {off} of {flat.numel()} "
@@ -290,7 +304,8 @@ class ZeroLayout(Layout):
             out.append(Fragment(name=m.name, param=flat, shape=m.shape,
                                 span=Span(R, C, m.a, m.b), data=flat.data[sl],
                                 grad=None if grad is None else grad[sl],
-                                whole=self.world == 1, rows_local=self.world == 1, slot=i))
+                                whole=self.world == 1, rows_local=self.world == 1, slot=i,
+                                straddle_rows=m.straddle_rows()))
         return out
 
     def member_rules(self, flat, group: dict, index: int | None = None) -> list[str]:
