@@ -72,19 +72,21 @@ def _one_reduce(f, g, r, c, straddle, iters, eps, row_target, col_target):
     if n and (a + n) % C and (a + n) // C * C >= a:
         pieces.append(((a + n) // C, 0, g[n - (a + n) % C:]))
     slot = {row: k for k, row in enumerate(straddle)}
-    held = torch.zeros((len(straddle), C), dtype=torch.float32, device=g.device)
+    held = rows = None                       # (FSDP2's row blocks have none to hold)
+    if straddle:
+        held = torch.zeros((len(straddle), C), dtype=torch.float32, device=g.device)
+        rows = torch.tensor(straddle, dtype=torch.long, device=g.device)
     for row, c0, values in pieces:
         if row not in slot:
             raise RuntimeError(f"{f.name}: row {row} is held here in part, but the layout did "
                                f"not list it among the rows that straddle a partition")
         held[slot[row], c0:c0 + values.numel()] = values
-    rows = torch.tensor(straddle, dtype=torch.long, device=g.device)
     full = None
     for it in range(iters):
         cols, bad = ops.sinkhorn_sweep_(whole, mine, None if it == 0 else c, C, row_target,
                                         eps, it == 0)
         if it == 0 and straddle:
-            bad = torch.maximum(bad, (~torch.isfinite(held)).any().float().reshape(1))
+            bad = torch.maximum(bad, ops.reference.nonfinite(held))
             cols, full = yield [("nonfinite", bad), ("col", cols), ("col", held.view(-1))]
         else:
             (cols,) = yield ([("nonfinite", bad)] if it == 0 else []) + [("col", cols)]
